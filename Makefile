@@ -1,0 +1,33 @@
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test lint run chat tiny clean
+
+# One command: a virtualenv with the package and its dependencies, plus redis-server.
+setup: $(VENV)/.installed
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server from Debian"; \
+	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch lies in the machine's wheel cache; install it first so the
+	# range in pyproject.toml is already satisfied and no CUDA build is downloaded.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check .
+
+# A random-weight InternVL2 checkpoint in the real layout (see README).
+tiny:
+	$(PY) -m services.tools.make_tiny_checkpoint --out .cache/tiny-internvl2
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
