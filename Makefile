@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint run chat tiny clean
+.PHONY: setup test lint protos run chat tiny clean
 
 # One command: a virtualenv with the package and its dependencies, plus redis-server.
 setup: $(VENV)/.installed
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+# Python code for the contracts in protos/ (committed; never edited by hand).
+protos:
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/internvl/v1/*.proto
 
 lint:
 	$(PY) -m ruff check .

@@ -1,0 +1,112 @@
+"""gRPC server bootstrap shared by the three processes.
+
+Every server gets the standard health service (NOT_SERVING until its model is loaded), server
+reflection, message-size limits, and a graceful stop on SIGTERM/SIGINT: health flips to
+NOT_SERVING, new calls are refused, in-flight calls get `grace_seconds` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port (tests)
+    # Requests may carry encoded images/videos; embeddings themselves are always chunked.
+    max_receive_message_bytes: int = 64 * MiB
+    max_send_message_bytes: int = 16 * MiB
+    grace_seconds: float = 30.0
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Service:
+    """One servicer to mount: its full proto name (for health/reflection) and its add_* function."""
+
+    name: str
+    add_to_server: Callable[[object, grpc.aio.Server], None]
+    servicer: object
+
+
+def channel_options(max_receive_bytes: int = 64 * MiB, max_send_bytes: int = 64 * MiB) -> list[tuple]:
+    return [
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", max_send_bytes),
+    ]
+
+
+class GrpcServer:
+    def __init__(
+        self,
+        config: ServerConfig,
+        services: Sequence[Service],
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ):
+        self.config = config
+        self.services = list(services)
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=list(interceptors),
+            options=channel_options(config.max_receive_message_bytes, config.max_send_message_bytes),
+        )
+        for svc in self.services:
+            svc.add_to_server(svc.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        names = [svc.name for svc in self.services]
+        reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], self.server)
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self.config.address)
+        if not self.port:
+            raise RuntimeError(f"could not bind {self.config.address}")
+        await self.set_serving(False)
+        await self.server.start()
+        log.info("listening on %s:%d", self.config.host, self.port)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        states = health_pb2.HealthCheckResponse
+        status = states.SERVING if serving else states.NOT_SERVING
+        for name in ["", *(svc.name for svc in self.services)]:
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        await self.set_serving(False)
+        await self.server.stop(self.config.grace_seconds)
+
+
+async def serve_until_signal(server: GrpcServer, load: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Start, run `load` (model loading) while health says NOT_SERVING, then serve until SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    if load is not None:
+        await load()
+    await server.set_serving(True)
+    log.info("serving")
+    await stop.wait()
+    log.info("stopping: grace period %.0fs", server.config.grace_seconds)
+    await server.stop()

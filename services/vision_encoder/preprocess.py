@@ -1,0 +1,217 @@
+"""InternVL2 image and video preprocessing, numerically identical to upstream.
+
+Reproduces the model-card pipeline of OpenGVLab/InternVL (commit 74126371): ``dynamic_preprocess``
+tiling, ``build_transform`` (ToTensor + ImageNet Normalize), ``load_image``, ``get_index`` and
+``load_video``. It uses PIL + numpy + torch only: torchvision is not a dependency, so ToTensor and
+Normalize are re-expressed with the same float32 torch ops. The model's logits are very sensitive to
+pixels (1/255 everywhere moves logits by ~0.3), so every choice below follows upstream exactly,
+quirks included; the parity kit's goldens are the definition of correct.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ImageInput = bytes | str | Path | Image.Image
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Dynamic-resolution tiling knobs (InternVL2 defaults: 448 px tiles, 1..12 tiles + thumbnail)."""
+
+    image_size: int = 448
+    min_num: int = 1
+    max_num: int = 12
+    use_thumbnail: bool = True
+
+
+def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """All (cols, rows) grids with min_num <= cols*rows <= max_num, ordered as upstream.
+
+    Upstream builds a Python ``set`` and stably sorts it by area, so grids of equal area keep the set's
+    iteration order. That order decides near-ties in ``find_closest_aspect_ratio``, so the set is built
+    the same way here (int-tuple hashes are deterministic in CPython, so the order is too).
+    """
+    ratios = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
+    return sorted(ratios, key=lambda r: r[0] * r[1])
+
+
+def find_closest_aspect_ratio(
+    aspect_ratio: float,
+    ratios: list[tuple[int, int]],
+    width: int,
+    height: int,
+    image_size: int,
+) -> tuple[int, int]:
+    """Grid whose cols/rows is closest to ``aspect_ratio``.
+
+    On an exact tie the later (larger) grid wins only if the image has enough pixels to fill more than
+    half of it: ``width*height > 0.5 * image_size**2 * cols * rows`` (upstream's rule, so small images
+    are not blown up onto many tiles).
+    """
+    best_diff = float("inf")
+    best = (1, 1)
+    area = width * height
+    for ratio in ratios:
+        diff = abs(aspect_ratio - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best_diff = diff
+            best = ratio
+        elif diff == best_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def dynamic_preprocess(
+    image: Image.Image,
+    min_num: int = 1,
+    max_num: int = 12,
+    image_size: int = 448,
+    use_thumbnail: bool = True,
+) -> list[Image.Image]:
+    """Resize ``image`` onto the closest grid and cut it into ``image_size`` tiles (row-major).
+
+    Uses PIL's default ``resize`` filter (BICUBIC, with PIL's support widening on downscale), which is
+    what upstream uses; other resamplers differ by several levels. A whole-image thumbnail is appended
+    only when there is more than one tile.
+    """
+    width, height = image.size
+    cols, rows = find_closest_aspect_ratio(
+        width / height, target_ratios(min_num, max_num), width, height, image_size
+    )
+    resized = image.resize((image_size * cols, image_size * rows))
+    tiles = [
+        resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size)))
+    return tiles
+
+
+def tiles_to_pixel_values(tiles: list[Image.Image]) -> torch.Tensor:
+    """Stack tiles into normalized float32 ``[n, 3, H, W]`` pixel values.
+
+    Same float32 ops as torchvision ``ToTensor`` + ``Normalize(IMAGENET_MEAN, IMAGENET_STD)``:
+    ``(float32(u8) / 255 - mean) / std``. Upstream's ``T.Resize((448, 448))`` is a no-op on tiles that
+    are already that size and is therefore omitted; tiles must all have the same size.
+    """
+    if not tiles:
+        raise ValueError("no tiles to convert")
+    arr = np.stack([np.asarray(t.convert("RGB") if t.mode != "RGB" else t, dtype=np.uint8) for t in tiles])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return x.sub(mean).div(std)
+
+
+def open_image(data: ImageInput) -> Image.Image:
+    """Decode ``data`` (encoded bytes, a path, or a PIL image) into an RGB PIL image.
+
+    Any mode is converted with ``.convert('RGB')`` like upstream: alpha is dropped (not composited),
+    palettes are expanded, and 16-bit greyscale is clipped to 255. EXIF orientation is deliberately not
+    applied, because upstream does not apply it.
+    """
+    if isinstance(data, Image.Image):
+        return data.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
+        raise ValueError(f"cannot decode image: {exc}") from exc
+
+
+def load_image(
+    data: ImageInput, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
+) -> torch.Tensor:
+    """Upstream ``load_image``: decode, tile, normalize. The tile count is ``result.shape[0]``."""
+    tiles = dynamic_preprocess(
+        open_image(data), max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail
+    )
+    return tiles_to_pixel_values(tiles)
+
+
+def get_index(
+    bound: tuple[float, float] | None,
+    fps: float,
+    max_frame: int,
+    first_idx: int = 0,
+    num_segments: int = 32,
+) -> np.ndarray:
+    """Frame indices at the centres of ``num_segments`` equal segments of ``[start, end]`` (upstream).
+
+    Both Python ``round`` and ``np.round`` round half to even, and ``int`` truncates; these quirks pick
+    the frames the goldens were computed from, so they are kept as they are.
+    """
+    start, end = bound if bound else (-100000, 100000)
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    seg_size = float(end_idx - start_idx) / num_segments
+    return np.array([int(start_idx + seg_size / 2 + np.round(seg_size * idx)) for idx in range(num_segments)])
+
+
+def load_video(
+    source: bytes | str | Path,
+    bound: tuple[float, float] | None = None,
+    input_size: int = 448,
+    max_num: int = 1,
+    num_segments: int = 32,
+) -> tuple[torch.Tensor, list[int]]:
+    """Upstream ``load_video``: sample ``num_segments`` frames with decord, tile each, normalize.
+
+    Returns ``(pixel_values, num_patches_list)`` where ``num_patches_list[i]`` is frame i's tile count.
+    Frames are read one at a time (``vr[i]``) with one decoder thread, as upstream does, so the decoded
+    pixels match. Bytes are handed to decord as a file-like object (it reads them in memory).
+    """
+    from decord import DECORDError, VideoReader, cpu  # heavy native import, only needed for video
+
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+
+    if isinstance(source, bytes | bytearray):
+        if not source:
+            raise ValueError("empty video input")
+        uri: io.BytesIO | str = io.BytesIO(source)
+    else:
+        uri = str(source)
+        if not Path(uri).is_file():
+            raise FileNotFoundError(uri)
+    try:
+        vr = VideoReader(uri, ctx=cpu(0), num_threads=1)
+    except (DECORDError, RuntimeError, AssertionError) as exc:  # bad data raises RuntimeError
+        raise ValueError(f"cannot decode video: {exc}") from exc
+    if len(vr) == 0:
+        raise ValueError("video has no frames")
+
+    max_frame = len(vr) - 1
+    indices = get_index(bound, float(vr.get_avg_fps()), max_frame, first_idx=0, num_segments=num_segments)
+    if indices.size and (indices.min() < 0 or indices.max() > max_frame):
+        raise ValueError(f"bound {bound} selects frames outside the video (0..{max_frame})")
+    pixel_values, num_patches = [], []
+    for idx in indices:
+        try:
+            frame = Image.fromarray(vr[int(idx)].asnumpy()).convert("RGB")
+        except (DECORDError, RuntimeError) as exc:
+            raise ValueError(f"cannot decode video frame {int(idx)}: {exc}") from exc
+        tiles = dynamic_preprocess(frame, image_size=input_size, use_thumbnail=True, max_num=max_num)
+        pixel_values.append(tiles_to_pixel_values(tiles))
+        num_patches.append(len(tiles))
+    return torch.cat(pixel_values), num_patches
