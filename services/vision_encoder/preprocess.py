@@ -26,7 +26,10 @@ ImageInput = bytes | str | Path | Image.Image
 
 @dataclass(frozen=True)
 class TilingConfig:
-    """Dynamic-resolution tiling knobs (InternVL2 defaults: 448 px tiles, 1..12 tiles + thumbnail)."""
+    """Dynamic-resolution tiling knobs (InternVL2 defaults: 448 px tiles, 1..12 tiles + thumbnail).
+
+    Field names match ``dynamic_preprocess``'s keywords: ``dynamic_preprocess(img, **asdict(cfg))``.
+    """
 
     image_size: int = 448
     min_num: int = 1
@@ -140,11 +143,15 @@ def open_image(data: ImageInput) -> Image.Image:
 
 
 def load_image(
-    data: ImageInput, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
+    data: ImageInput,
+    max_num: int = 12,
+    image_size: int = 448,
+    use_thumbnail: bool = True,
+    min_num: int = 1,
 ) -> torch.Tensor:
     """Upstream ``load_image``: decode, tile, normalize. The tile count is ``result.shape[0]``."""
     tiles = dynamic_preprocess(
-        open_image(data), max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail
+        open_image(data), min_num=min_num, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail
     )
     return tiles_to_pixel_values(tiles)
 
@@ -168,24 +175,19 @@ def get_index(
     return np.array([int(start_idx + seg_size / 2 + np.round(seg_size * idx)) for idx in range(num_segments)])
 
 
-def load_video(
-    source: bytes | str | Path,
-    bound: tuple[float, float] | None = None,
-    input_size: int = 448,
-    max_num: int = 1,
-    num_segments: int = 32,
-) -> tuple[torch.Tensor, list[int]]:
-    """Upstream ``load_video``: sample ``num_segments`` frames with decord, tile each, normalize.
+def read_video_frames(
+    source: bytes | str | Path, bound: tuple[float, float] | None = None, num_segments: int = 32
+) -> tuple[np.ndarray, list[Image.Image]]:
+    """Decode the frames upstream's ``load_video`` samples: ``(frame_indices, RGB frames)``.
 
-    Returns ``(pixel_values, num_patches_list)`` where ``num_patches_list[i]`` is frame i's tile count.
-    Frames are read one at a time (``vr[i]``) with one decoder thread, as upstream does, so the decoded
-    pixels match. Bytes are handed to decord as a file-like object (it reads them in memory).
+    Uses decord like upstream (``ctx=cpu(0)``, one thread, one ``vr[i]`` per frame), so the decoded
+    pixels match the reference; other decoders may differ by a level or two in YUV->RGB. Bytes are
+    handed to decord as a file-like object, which it reads in memory (no temp file needed).
     """
     from decord import DECORDError, VideoReader, cpu  # heavy native import, only needed for video
 
     if num_segments < 1:
         raise ValueError(f"num_segments must be >= 1, got {num_segments}")
-
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ValueError("empty video input")
@@ -203,14 +205,32 @@ def load_video(
 
     max_frame = len(vr) - 1
     indices = get_index(bound, float(vr.get_avg_fps()), max_frame, first_idx=0, num_segments=num_segments)
-    if indices.size and (indices.min() < 0 or indices.max() > max_frame):
+    if indices.min() < 0 or indices.max() > max_frame:
         raise ValueError(f"bound {bound} selects frames outside the video (0..{max_frame})")
-    pixel_values, num_patches = [], []
+    frames = []
     for idx in indices:
         try:
-            frame = Image.fromarray(vr[int(idx)].asnumpy()).convert("RGB")
+            frames.append(Image.fromarray(vr[int(idx)].asnumpy()).convert("RGB"))
         except (DECORDError, RuntimeError) as exc:
             raise ValueError(f"cannot decode video frame {int(idx)}: {exc}") from exc
+    return indices, frames
+
+
+def load_video(
+    source: bytes | str | Path,
+    bound: tuple[float, float] | None = None,
+    input_size: int = 448,
+    max_num: int = 1,
+    num_segments: int = 32,
+) -> tuple[torch.Tensor, list[int]]:
+    """Upstream ``load_video``: sample ``num_segments`` frames with decord, tile each, normalize.
+
+    Returns ``(pixel_values, num_patches_list)`` where ``num_patches_list[i]`` is frame i's tile count
+    (1 per frame with upstream's ``max_num=1``).
+    """
+    _, frames = read_video_frames(source, bound=bound, num_segments=num_segments)
+    pixel_values, num_patches = [], []
+    for frame in frames:
         tiles = dynamic_preprocess(frame, image_size=input_size, use_thumbnail=True, max_num=max_num)
         pixel_values.append(tiles_to_pixel_values(tiles))
         num_patches.append(len(tiles))
