@@ -1,0 +1,144 @@
+"""A simple in-process generation loop over a static KV cache, matching HF `generate` as upstream used it.
+
+Upstream `InternVLChatModel.chat()/batch_chat()` call `language_model.generate(inputs_embeds=...,
+attention_mask=..., eos_token_id=<|im_end|>, pad_token_id=2, ...)` with transformers 4.44. The parts
+reproduced here:
+
+- greedy (`do_sample=False`) or multinomial sampling, after HF's processors in HF's order:
+  repetition penalty, then temperature, top-k, top-p;
+- because generation starts from `inputs_embeds` with no `input_ids`, HF's running `input_ids` holds
+  only the generated tokens, so the repetition penalty sees only those (never the prompt);
+- a row that emitted an EOS id is finished; it keeps receiving `pad_token_id` while others continue;
+- stop when every row is finished or after `max_new_tokens` steps;
+- each step appends 1 to the attention mask and the new token's position is cumsum(mask) - 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from services.language_decoder.model import InternLM2ForCausalLM, position_ids_from_mask
+
+
+@dataclass
+class GenerationOutput:
+    sequences: Tensor  # [B, steps] int64, generated ids only (pad after a row finished)
+    finished: list[bool]  # row stopped on an EOS id
+    step_logits: Tensor | None = None  # [steps, B, V] float32 raw logits that chose each token
+
+    @property
+    def token_ids(self) -> list[list[int]]:
+        return self.sequences.tolist()
+
+
+def process_logits(
+    logits: Tensor,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    prev_tokens: Tensor | None = None,
+) -> Tensor:
+    """HF's logits processors then (when sampling) warpers, in HF's order; float32 [B, V] scores."""
+    scores = logits.float()
+    if repetition_penalty != 1.0 and prev_tokens is not None and prev_tokens.numel():
+        # HF RepetitionPenaltyLogitsProcessor: seen tokens' logits move towards "less likely".
+        seen = scores.gather(1, prev_tokens)
+        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        scores = scores.scatter(1, prev_tokens, seen)
+    if not do_sample:
+        return scores  # HF applies no warpers in greedy mode
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        # HF TopPLogitsWarper: drop the low tail whose total mass is <= 1 - top_p, keep >= 1 token.
+        sorted_scores, sorted_idx = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(1, sorted_idx, drop), float("-inf"))
+    return scores
+
+
+def sample(
+    logits: Tensor,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    prev_tokens: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token ids [B] from logits [B, V]: argmax, or a draw from `generator` when sampling."""
+    scores = process_logits(
+        logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, prev_tokens=prev_tokens,
+    )
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def generate(
+    model: InternLM2ForCausalLM,
+    inputs_embeds: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+    return_step_logits: bool = False,
+) -> GenerationOutput:
+    """Generate from a (left-padded) batch of prompt embeddings [B, T, H] with mask [B, T]."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    device = inputs_embeds.device
+    b, t, _ = inputs_embeds.shape
+    mask = attention_mask.to(device=device, dtype=torch.long)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    cache = model.new_kv_cache(b, t + max_new_tokens)
+
+    logits = model(inputs_embeds, position_ids_from_mask(mask), cache, mask, last_only=True)[:, -1]
+    unfinished = torch.ones(b, dtype=torch.bool, device=device)
+    tokens: list[Tensor] = []
+    step_logits: list[Tensor] = []
+    for step in range(max_new_tokens):
+        if return_step_logits:
+            step_logits.append(logits)
+        prev = torch.stack(tokens, dim=1) if tokens else None
+        nxt = sample(
+            logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, prev_tokens=prev, generator=generator,
+        )
+        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
+        tokens.append(nxt)
+        unfinished &= ~torch.isin(nxt, eos)
+        if step + 1 == max_new_tokens or not bool(unfinished.any()):
+            break
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        positions = mask.sum(dim=1, keepdim=True) - 1
+        logits = model(model.embed(nxt[:, None]), positions, cache, mask)[:, -1]
+
+    sequences = torch.stack(tokens, dim=1)
+    return GenerationOutput(
+        sequences=sequences,
+        finished=torch.isin(sequences, eos).any(dim=1).tolist(),
+        step_logits=torch.stack(step_logits) if return_step_logits else None,
+    )
