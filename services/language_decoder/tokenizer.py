@@ -1,0 +1,592 @@
+"""InternLM2's slow SentencePiece tokenizer, reproduced without transformers.
+
+Reference: `InternLM2Tokenizer` (`internvl_chat/internvl/model/internlm2/tokenization_internlm2.py` of
+OpenGVLab/InternVL @ 74126371) running on transformers 4.44's `PreTrainedTokenizer`, loaded the way
+InternVL loads it (`use_fast=False`, `add_eos_token=False`). Encoding and decoding match it id for id
+and character for character, quirks included:
+
+* encode: the text is first split on the added tokens (every entry of `added_tokens_decoder` plus
+  `added_tokens.json`, longest match first), then each remaining chunk goes through SentencePiece on
+  its own, so each chunk gets its own dummy `▁` prefix (after every special token too). BOS comes
+  first. `[UNUSED_TOKEN_145]` in raw text is a user-defined SentencePiece piece whose id is the one
+  relabeled `<|im_end|>`, so it encodes to `<|im_end|>`.
+* decode (`PreTrainedTokenizer._decode` + `InternLM2Tokenizer.convert_tokens_to_string`):
+  - the added tokens at ids >= the SentencePiece size (`<img>`, `<IMG_CONTEXT>`, ...) cut the text
+    into pieces that are joined with " " (`spaces_between_special_tokens=True`); a piece that decodes
+    to "" is dropped, except the last one;
+  - inside a piece, a special token (`<s>`, `<|im_end|>`, ...) that follows ordinary text inserts a
+    " " in front of that text, so `decode([<s>, ...])` starts with " <s>";
+  - each piece gets `clean_up_tokenization` (" ." -> "." and friends) whatever the config says;
+  - byte-fallback pieces are joined into UTF-8, an incomplete or invalid sequence gives U+FFFD.
+* `skip_special_tokens=True` drops bos/eos/unk/pad and every `additional_special_tokens` id.
+
+`IncrementalDecoder` streams `decode(ids, skip_special_tokens=True)` token by token, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .prompt import IM_END_TOKEN, IM_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+
+SP_MODEL_FILE = "tokenizer.model"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+ADDED_TOKENS_FILE = "added_tokens.json"
+
+SPIECE_UNDERLINE = "▁"
+
+
+class TokenizerError(ValueError):
+    """The tokenizer files are missing or inconsistent."""
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `PreTrainedTokenizerBase.clean_up_tokenization`; it only ever deletes spaces."""
+    return (
+        text.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
+    )
+
+
+def _token_content(value) -> str | None:
+    """A special token as tokenizer_config / special_tokens_map store it: a string or an AddedToken dict."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise TokenizerError(f"cannot read special token {value!r}")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+class InternLM2Tokenizer:
+    """Encode/decode exactly like upstream InternLM2Tokenizer (see the module docstring)."""
+
+    def __init__(
+        self,
+        sp_model_file: str | Path,
+        added_tokens: dict[int, str] | None = None,
+        *,
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+        unk_token: str = "<unk>",
+        pad_token: str | None = "</s>",
+        additional_special_tokens: Sequence[str] = (),
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        clean_up_tokenization_spaces: bool = False,
+    ):
+        self._sp = spm.SentencePieceProcessor(model_file=str(sp_model_file))
+        self._sp_size = self._sp.get_piece_size()
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.unk_token, self.pad_token = unk_token, pad_token
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+
+        # id -> text for the added tokens (including the relabeled SentencePiece pieces).
+        self._added_decoder: dict[int, str] = {int(i): t for i, t in (added_tokens or {}).items()}
+        specials: list[str] = []
+        for tok in (bos_token, eos_token, unk_token, pad_token, *additional_special_tokens):
+            if tok is not None and tok not in specials:
+                specials.append(tok)
+        known = set(self._added_decoder.values())
+        for tok in specials:
+            # transformers always registers the special tokens as added tokens; they must have an id.
+            if tok not in known:
+                idx = self._sp.piece_to_id(tok)
+                if idx == self._sp.unk_id() and tok != self._sp.id_to_piece(idx):
+                    raise TokenizerError(f"special token {tok!r} is neither an added token nor a piece")
+                self._added_decoder[idx] = tok
+                known.add(tok)
+        self._added_encoder: dict[str, int] = {t: i for i, t in sorted(self._added_decoder.items())}
+        self._special_tokens: tuple[str, ...] = tuple(specials)
+        self._special_set = frozenset(specials)
+        self._special_ids = frozenset(self._added_encoder[t] for t in specials)
+        # transformers' `legacy_added_tokens` in `_decode`: non-special added tokens, plus the
+        # additional special tokens that live past the SentencePiece vocab. They are decoded as
+        # standalone pieces joined with " " (that is where " <img> <IMG_CONTEXT> ..." comes from).
+        self._legacy_tokens = frozenset(
+            (set(self._added_encoder) - set(specials))
+            | {t for t in additional_special_tokens if self._added_encoder[t] >= self._sp_size}
+        )
+        # Longest first, so that at one position the longest added token wins (transformers' Trie).
+        alternatives = sorted(self._added_encoder, key=len, reverse=True)
+        self._split_re = re.compile("|".join(re.escape(t) for t in alternatives)) if alternatives else None
+
+        self._vocab_size = max(self._sp_size, max(self._added_decoder, default=-1) + 1)
+        for idx in range(self._sp_size, self._vocab_size):
+            if idx not in self._added_decoder:
+                raise TokenizerError(f"id {idx} is past the SentencePiece vocab but is no added token")
+        self._byte_values: dict[int, int] = {
+            i: int(self._sp.id_to_piece(i)[3:5], 16)
+            for i in range(self._sp_size)
+            if self._sp.is_byte(i) and i not in self._added_decoder
+        }
+        self._anchor: tuple[int, str] | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> InternLM2Tokenizer:
+        """Load `tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json`, `added_tokens.json`."""
+        model_dir = Path(model_dir)
+        sp_file = model_dir / SP_MODEL_FILE
+        if not sp_file.is_file():
+            raise TokenizerError(f"{model_dir} has no {SP_MODEL_FILE}")
+        config = _read_json(model_dir / TOKENIZER_CONFIG_FILE)
+        special_map = _read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
+
+        added: dict[int, str] = {}
+        for idx, entry in (config.get("added_tokens_decoder") or {}).items():
+            added[int(idx)] = _token_content(entry)
+        for content, idx in _read_json(model_dir / ADDED_TOKENS_FILE).items():
+            if added.setdefault(int(idx), content) != content:
+                raise TokenizerError(
+                    f"{ADDED_TOKENS_FILE} says {content!r} is id {idx}, "
+                    f"{TOKENIZER_CONFIG_FILE} says {added[int(idx)]!r}"
+                )
+
+        def special(key: str, default: str | None) -> str | None:
+            # transformers lets special_tokens_map.json override tokenizer_config.json.
+            for source in (special_map, config):
+                if key in source:
+                    return _token_content(source[key])
+            return default
+
+        extra_source = special_map if "additional_special_tokens" in special_map else config
+        additional = [_token_content(t) for t in extra_source.get("additional_special_tokens") or []]
+        return cls(
+            sp_file,
+            added,
+            bos_token=special("bos_token", "<s>"),
+            eos_token=special("eos_token", "</s>"),
+            unk_token=special("unk_token", "<unk>"),
+            pad_token=special("pad_token", "</s>"),
+            additional_special_tokens=additional,
+            add_bos_token=bool(config.get("add_bos_token", True)),
+            add_eos_token=bool(config.get("add_eos_token", False)),
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+        )
+
+    # ------------------------------------------------------------------ vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        """All ids: SentencePiece pieces + added tokens (`len(tokenizer)` upstream, = the LLM's vocab).
+
+        Note: upstream's `tokenizer.vocab_size` is the SentencePiece size only; that is `sp_vocab_size`.
+        """
+        return self._vocab_size
+
+    @property
+    def sp_vocab_size(self) -> int:
+        return self._sp_size
+
+    @property
+    def bos_id(self) -> int:
+        # Upstream's bos_token_id/eos_token_id come from the SentencePiece model, not the config.
+        sp_id = self._sp.bos_id()
+        return sp_id if sp_id >= 0 else self._added_encoder[self.bos_token]
+
+    @property
+    def eos_id(self) -> int:
+        sp_id = self._sp.eos_id()
+        return sp_id if sp_id >= 0 else self._added_encoder[self.eos_token]
+
+    @property
+    def pad_id(self) -> int:
+        return self.token_to_id(self.pad_token if self.pad_token is not None else self.eos_token)
+
+    @property
+    def unk_id(self) -> int:
+        return self.token_to_id(self.unk_token)
+
+    @property
+    def im_start_id(self) -> int:
+        return self._required_id(IM_START_TOKEN)
+
+    @property
+    def im_end_id(self) -> int:
+        return self._required_id(IM_END_TOKEN)
+
+    @property
+    def img_context_id(self) -> int:
+        return self._required_id(IMG_CONTEXT_TOKEN)
+
+    @property
+    def img_start_id(self) -> int:
+        return self._required_id(IMG_START_TOKEN)
+
+    @property
+    def img_end_id(self) -> int:
+        return self._required_id(IMG_END_TOKEN)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The ids `skip_special_tokens=True` drops (upstream `all_special_ids`)."""
+        return self._special_ids
+
+    @property
+    def all_special_tokens(self) -> tuple[str, ...]:
+        return self._special_tokens
+
+    @property
+    def added_tokens(self) -> dict[str, int]:
+        return dict(self._added_encoder)
+
+    def _required_id(self, token: str) -> int:
+        if token not in self._added_encoder:
+            raise TokenizerError(f"{token!r} is not an added token of this tokenizer")
+        return self._added_encoder[token]
+
+    def token_to_id(self, token: str) -> int:
+        """Upstream `convert_tokens_to_ids`: added tokens, else the piece's id (the unk id if unknown)."""
+        if token in self._added_encoder:
+            return self._added_encoder[token]
+        return self._sp.piece_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str:
+        token_id = self._check_id(token_id)
+        if token_id in self._added_decoder:
+            return self._added_decoder[token_id]
+        return self._sp.id_to_piece(token_id)
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False):
+        """Token strings of `ids` (added tokens by their text, e.g. `<|im_end|>` not the raw piece)."""
+        if isinstance(ids, int):
+            return self.id_to_token(ids)
+        out = []
+        for token_id in ids:
+            token_id = self._check_id(token_id)
+            if skip_special_tokens and token_id in self._special_ids:
+                continue
+            out.append(self.id_to_token(token_id))
+        return out
+
+    def is_special(self, token_id: int) -> bool:
+        return int(token_id) in self._special_ids
+
+    def _check_id(self, token_id) -> int:
+        idx = int(token_id)
+        if not 0 <= idx < self._vocab_size:
+            raise IndexError(f"token id {idx} out of range [0, {self._vocab_size})")
+        return idx
+
+    # ------------------------------------------------------------------ encode
+
+    def _split_added(self, text: str) -> list[tuple[str, bool]]:
+        """`tokens_trie.split`: [(chunk, is_added_token)], empty chunks dropped."""
+        chunks: list[tuple[str, bool]] = []
+        pos = 0
+        if self._split_re is not None:
+            for m in self._split_re.finditer(text):
+                if m.start() > pos:
+                    chunks.append((text[pos : m.start()], False))
+                chunks.append((m.group(), True))
+                pos = m.end()
+        if pos < len(text):
+            chunks.append((text[pos:], False))
+        return chunks
+
+    def tokenize(self, text: str) -> list[str]:
+        """Upstream `tokenizer.tokenize(text)` (no BOS): added tokens kept whole, the rest as pieces."""
+        out: list[str] = []
+        for chunk, is_added in self._split_added(text):
+            out.extend([chunk] if is_added else self._sp.encode(chunk, out_type=str))
+        return out
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """`tokenizer(text).input_ids`: BOS, then added tokens and SentencePiece ids chunk by chunk."""
+        ids: list[int] = [self.bos_id] if add_bos and self.add_bos_token else []
+        for chunk, is_added in self._split_added(text):
+            if is_added:
+                ids.append(self._added_encoder[chunk])
+            else:
+                # Each chunk is encoded on its own: SentencePiece adds its dummy "▁" prefix per chunk.
+                ids.extend(self._sp.encode(chunk))
+        if self.add_eos_token:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = True, padding_side: str = "left"
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """`tokenizer(texts, padding=True)` with pad id `pad_id`: (input_ids, attention_mask)."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        rows = [self.encode(t, add_bos=add_bos) for t in texts]
+        width = max((len(r) for r in rows), default=0)
+        ids, mask = [], []
+        for row in rows:
+            pad = width - len(row)
+            if padding_side == "left":
+                ids.append([self.pad_id] * pad + row)
+                mask.append([0] * pad + [1] * len(row))
+            else:
+                ids.append(row + [self.pad_id] * pad)
+                mask.append([1] * len(row) + [0] * pad)
+        return ids, mask
+
+    # ------------------------------------------------------------------ decode
+
+    def _tokens_to_string(self, tokens: list[str]) -> str:
+        """Upstream `InternLM2Tokenizer.convert_tokens_to_string`, with its quirks."""
+        out = ""
+        run: list[str] = []
+        prev_is_special = False
+        for token in tokens:
+            if token in self._special_set:
+                # A special token after ordinary text inserts a space BEFORE that text.
+                if not prev_is_special:
+                    out += " "
+                out += self._sp.decode_pieces(run) + token
+                prev_is_special = True
+                run = []
+            else:
+                run.append(token)
+                prev_is_special = False
+        out += self._sp.decode_pieces(run)
+        # Always applied here, whatever `clean_up_tokenization_spaces` says. The upstream
+        # `_maybe_add_prefix_space` then adds " " (its id set is compared with token strings, so the
+        # test is always true) and `[1:]` removes it again: a no-op for the non-empty lists it gets.
+        return clean_up_tokenization(out)
+
+    def decode(
+        self,
+        ids: Iterable[int],
+        skip_special_tokens: bool = False,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
+        """transformers 4.44 `PreTrainedTokenizer._decode` over InternLM2's `convert_tokens_to_string`."""
+        tokens = self.convert_ids_to_tokens(list(ids), skip_special_tokens=skip_special_tokens)
+        sub_texts: list[str] = []
+        current: list[str] = []
+        for token in tokens:
+            if token in self._legacy_tokens:
+                if current:
+                    text = self._tokens_to_string(current)
+                    if text:
+                        sub_texts.append(text)
+                    current = []
+                sub_texts.append(token)
+            else:
+                current.append(token)
+        if current:
+            sub_texts.append(self._tokens_to_string(current))
+        text = (" " if spaces_between_special_tokens else "").join(sub_texts)
+        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+
+    # ------------------------------------------------------------------ helpers for IncrementalDecoder
+
+    def _is_byte(self, token_id: int) -> bool:
+        return token_id in self._byte_values
+
+    def _decode_run(self, ids: list[int], continuation: bool) -> str:
+        """SentencePiece text of `ids`; `continuation`: they follow earlier text of the same decode.
+
+        SentencePiece drops the leading "▁" of the first piece only at the start of a decode. A
+        continuation keeps it: decode it behind a fixed anchor piece, then cut the anchor's text off.
+        """
+        if not continuation:
+            return self._sp.decode(ids)
+        anchor_id, anchor_text = self._get_anchor()
+        text = self._sp.decode([anchor_id, *ids])
+        if not text.startswith(anchor_text):  # cannot happen with a normal, non-byte anchor piece
+            raise AssertionError("anchor piece text changed")
+        return text[len(anchor_text) :]
+
+    def _get_anchor(self) -> tuple[int, str]:
+        if self._anchor is None:
+            for i in range(self._sp_size):
+                sp = self._sp
+                if (
+                    i in self._added_decoder
+                    or sp.is_control(i)
+                    or sp.is_unknown(i)
+                    or sp.is_byte(i)
+                    or sp.is_unused(i)
+                    or sp.id_to_piece(i).startswith(SPIECE_UNDERLINE)
+                ):
+                    continue
+                text = sp.decode([i])
+                if text and sp.decode([i, i]) == text + text:
+                    self._anchor = (i, text)
+                    break
+            else:
+                raise TokenizerError("no ordinary SentencePiece piece to anchor incremental decoding")
+        return self._anchor
+
+
+def _utf8_incomplete(data: Sequence[int]) -> bool:
+    """True if `data` ends inside a UTF-8 sequence that more bytes could still complete.
+
+    Mirrors SentencePiece's byte-fallback decoding (one char at a time, an invalid byte becomes U+FFFD
+    and consumes 1 byte). It is deliberately lenient: when in doubt it says "incomplete", which only
+    holds text back a little longer.
+    """
+    i, n = 0, len(data)
+    while i < n:
+        b = data[i]
+        if 0xC0 <= b <= 0xDF:
+            need = 2
+        elif 0xE0 <= b <= 0xEF:
+            need = 3
+        elif 0xF0 <= b <= 0xF7:
+            need = 4
+        else:
+            i += 1
+            continue
+        j = i + 1
+        while j < min(i + need, n) and 0x80 <= data[j] <= 0xBF:
+            j += 1
+        if j == n and j < i + need:
+            return True  # a valid prefix cut short by the end of the data
+        i = j if j == i + need else i + 1
+    return False
+
+
+def _after_nonspace(text: str, count: int) -> int:
+    """Index just after the `count`-th character of `text` that is not " " (0 for count 0)."""
+    if count <= 0:
+        return 0
+    lo, hi = count, len(text)
+    while lo < hi:  # smallest p with p - text.count(" ", 0, p) >= count
+        mid = (lo + hi) // 2
+        if mid - text.count(" ", 0, mid) >= count:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+# `clean_up_tokenization` only deletes spaces, and whether a space goes depends on at most the 5
+# characters after it (" n't", and "  ' ve" -> " 've" -> "'ve" through the " ' " rule). Its matches
+# all start with a space and span at most 6 raw characters (deleted spaces included). So no match
+# straddles a point preceded by 6 non-space characters, nor one preceded by a character that can
+# only stand first in a match (" ") or nowhere in one: text before such a point is final.
+_CLEANUP_LOOKAHEAD = 5
+_CLEANUP_SPAN = 6
+_CLEANUP_INNER_CHARS = frozenset(" .?!,'ntmsver")
+
+
+def _cleanup_cut_ok(text: str, k: int) -> bool:
+    """`clean_up_tokenization(text) == clean(text[:k]) + clean(text[k:])`, whatever follows."""
+    if k <= 0:
+        return False
+    if text[k - 1] not in _CLEANUP_INNER_CHARS:
+        return True
+    return k >= _CLEANUP_SPAN and " " not in text[k - _CLEANUP_SPAN : k]
+
+
+class _TextRun:
+    """Streams `clean_up_tokenization(sp.decode(run))` for a run of ordinary (non-special) ids."""
+
+    def __init__(self, tokenizer: InternLM2Tokenizer):
+        self._tok = tokenizer
+        self._tail: list[int] = []  # trailing byte-fallback ids that may still be an incomplete char
+        self._started = False  # some piece was decoded: later pieces keep their leading "▁"
+        self._win = ""  # final SentencePiece text from the window start on
+        self._done = 0  # non-space characters of _win already emitted
+
+    def push(self, token_id: int) -> str:
+        self._tail.append(token_id)
+        tok = self._tok
+        if not tok._is_byte(token_id) or not _utf8_incomplete([tok._byte_values[i] for i in self._tail]):
+            self._commit()
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        if self._tail:
+            self._commit()
+        return self._emit(final=True)
+
+    def _commit(self) -> None:
+        ids, self._tail = self._tail, []
+        self._win += self._tok._decode_run(ids, continuation=self._started)
+        self._started = True
+
+    def _emit(self, final: bool) -> str:
+        win = self._win
+        if final:
+            k = len(win)
+        else:
+            # Cleanup never touches non-space characters; a space is settled once the 5 characters
+            # after it are known. Emit up to the first unsettled space, minus the spaces before it
+            # (emission always stops after a non-space character).
+            first_open = win.find(" ", max(0, len(win) - _CLEANUP_LOOKAHEAD))
+            k = len(win) if first_open < 0 else first_open
+            while k > 0 and win[k - 1] == " ":
+                k -= 1
+            if k <= 0:
+                return ""
+        target = k - win.count(" ", 0, k)
+        if not final and target <= self._done:
+            return ""
+        cleaned = clean_up_tokenization(win)
+        start = _after_nonspace(cleaned, self._done)
+        end = len(cleaned) if final else _after_nonspace(cleaned, target)
+        self._done = target
+        if not final and _cleanup_cut_ok(win, k):
+            self._win, self._done = win[k:], 0
+        return cleaned[start:end]
+
+
+class IncrementalDecoder:
+    """Streaming detokenizer: `push(id)` returns only newly completed text, `flush()` the rest.
+
+    With `skip_special_tokens=True` (what upstream uses for responses) the pushes plus the flush
+    concatenate to exactly `tokenizer.decode(ids, skip_special_tokens=True)`. Text is held back while
+    it may still change: a byte-fallback sequence that is not a complete character yet (so no U+FFFD
+    is emitted for half a character) and the last few characters, whose spaces upstream's
+    `clean_up_tokenization` may still delete (" ." -> "."). Nothing is ever dropped or repeated.
+
+    With `skip_special_tokens=False` a special token's text is emitted as it arrives, and each run of
+    other ids streams as `decode(run, skip_special_tokens=True)`. Upstream's full decode instead
+    inserts spaces retroactively (before the text preceding a special token, and between `<img>`-style
+    tokens), which no stream can reproduce; use `tokenizer.decode` when that exact string is needed.
+    """
+
+    def __init__(self, tokenizer: InternLM2Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._run = _TextRun(tokenizer)
+        self._finished = False
+
+    def push(self, token_id: int) -> str:
+        if self._finished:
+            raise RuntimeError("IncrementalDecoder.push() after flush()")
+        token_id = self.tokenizer._check_id(token_id)
+        if token_id in self.tokenizer.special_ids:
+            if self.skip_special_tokens:
+                return ""
+            text = self._run.flush() + self.tokenizer.id_to_token(token_id)
+            self._run = _TextRun(self.tokenizer)
+            return text
+        return self._run.push(token_id)
+
+    def flush(self) -> str:
+        """Emit everything still held back; the stream is over after this."""
+        if self._finished:
+            return ""
+        self._finished = True
+        return self._run.flush()
