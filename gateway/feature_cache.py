@@ -1,0 +1,467 @@
+"""Content-addressed cache of image embeddings in Redis, shared by every gateway replica.
+
+One InternVL2-8B image at 13 tiles is ~26 MiB of bf16 embeddings and costs a full InternViT pass,
+so the same image (a retry, a later turn, another user) should be encoded once. Keys hash the
+image bytes together with everything that changes the result (tiling settings, model fingerprint);
+values are a small checksummed header plus the raw tensor bytes, moved as bytes: no torch here.
+
+The cache is an optimisation, never a dependency: any Redis failure (down, slow, full, a corrupt
+value) is logged and counted, and the request goes on by computing the features.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import math
+import re
+import secrets
+import struct
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from internvl.v1 import tensor_pb2
+from services.common.wire import DTYPE_NAMES, WireError, make_header
+
+log = logging.getLogger(__name__)
+
+# Bump the version (here and FORMAT_VERSION) whenever the key derivation or value layout changes:
+# old entries then simply stop being found and age out through their TTL.
+KEY_PREFIX = "ivl:feat:v1:"
+LOCK_SUFFIX = ":lock"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys
+
+
+def content_hash(data: bytes | bytearray | memoryview) -> str:
+    """sha256 hex of raw input bytes: the identity of an image (or video) file everywhere."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_settings(
+    max_tiles: int, min_tiles: int, use_thumbnail: bool, image_size: int, fingerprint: str
+) -> None:
+    # Callers must resolve defaults first (proto 0 / unset -> the model's values): keying on the
+    # unresolved "0" would make the default and its explicit spelling two different entries.
+    if not fingerprint:
+        raise ValueError("model_fingerprint is required: it keeps different models' features apart")
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got min={min_tiles} max={max_tiles}")
+    if not isinstance(use_thumbnail, bool):
+        raise ValueError(f"use_thumbnail must be a resolved bool, got {use_thumbnail!r}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+
+
+def _derive_key(fields: dict[str, Any]) -> str:
+    # Canonical JSON (sorted keys, escaped strings) is unambiguous, unlike joining with separators.
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_hash(value: str, what: str) -> None:
+    if not _HEX64.fullmatch(value):
+        raise ValueError(f"{what} must be a sha256 hex digest, got {value!r}")
+
+
+def feature_key_for_hash(
+    image_hash: str, *, max_tiles: int, min_tiles: int, use_thumbnail: bool, image_size: int,
+    model_fingerprint: str,
+) -> str:
+    """Key of an image's features from its content hash (sessions keep hashes, not always bytes)."""
+    _check_hash(image_hash, "image_hash")
+    _check_settings(max_tiles, min_tiles, use_thumbnail, image_size, model_fingerprint)
+    return _derive_key({
+        "kind": "image", "content": image_hash, "max_tiles": max_tiles, "min_tiles": min_tiles,
+        "use_thumbnail": use_thumbnail, "image_size": image_size, "model": model_fingerprint,
+    })
+
+
+def feature_key(
+    image_bytes: bytes | bytearray | memoryview, *, max_tiles: int, min_tiles: int, use_thumbnail: bool,
+    image_size: int, model_fingerprint: str,
+) -> str:
+    """`ivl:feat:v1:<sha256>` over the image bytes, its preprocessing settings and the model."""
+    return feature_key_for_hash(
+        content_hash(image_bytes), max_tiles=max_tiles, min_tiles=min_tiles, use_thumbnail=use_thumbnail,
+        image_size=image_size, model_fingerprint=model_fingerprint,
+    )
+
+
+def video_frame_key_for_hash(
+    video_hash: str, *, frame_index: int, num_segments: int, start_seconds: float | None,
+    end_seconds: float | None, max_tiles: int, min_tiles: int, use_thumbnail: bool, image_size: int,
+    model_fingerprint: str,
+) -> str:
+    """Key of the `frame_index`-th sampled frame of a video (hash the video once for all frames).
+
+    The key must be known before the encoder runs, so it names the frame by its position among the
+    sampled frames, which the video bytes and the sampling settings determine.
+    """
+    _check_hash(video_hash, "video_hash")
+    _check_settings(max_tiles, min_tiles, use_thumbnail, image_size, model_fingerprint)
+    if num_segments < 1 or not 0 <= frame_index < num_segments:
+        raise ValueError(f"need 0 <= frame_index < num_segments, got {frame_index} of {num_segments}")
+    return _derive_key({
+        "kind": "video_frame", "content": video_hash, "frame_index": frame_index,
+        "num_segments": num_segments, "start_seconds": start_seconds, "end_seconds": end_seconds,
+        "max_tiles": max_tiles, "min_tiles": min_tiles, "use_thumbnail": use_thumbnail,
+        "image_size": image_size, "model": model_fingerprint,
+    })
+
+
+def video_frame_key(
+    video_bytes: bytes | bytearray | memoryview, *, frame_index: int, num_segments: int,
+    start_seconds: float | None, end_seconds: float | None, max_tiles: int, min_tiles: int,
+    use_thumbnail: bool, image_size: int, model_fingerprint: str,
+) -> str:
+    """`video_frame_key_for_hash` over the video's bytes (prefer hashing once for all frames)."""
+    return video_frame_key_for_hash(
+        content_hash(video_bytes), frame_index=frame_index, num_segments=num_segments,
+        start_seconds=start_seconds, end_seconds=end_seconds, max_tiles=max_tiles, min_tiles=min_tiles,
+        use_thumbnail=use_thumbnail, image_size=image_size, model_fingerprint=model_fingerprint,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Values
+
+
+class EntryFormatError(ValueError):
+    """A cached value is not a valid entry (bad magic, version, length or checksum)."""
+
+
+MAGIC = b"IVLF"
+FORMAT_VERSION = 1
+MAX_NDIM = 8
+# magic, version, dtype, ndim, reserved, num_tiles, payload length, then the crc32 of everything
+# else (this prefix, the shape and the payload), so any flipped byte, header included, is caught.
+_PREFIX = struct.Struct("<4sBBBBIQ")
+_CRC = struct.Struct("<I")
+HEADER_FIXED_BYTES = _PREFIX.size + _CRC.size  # 24; then 8 bytes per shape dimension
+
+# Checksumming/copying tens of MiB takes milliseconds; zlib.crc32 releases the GIL, so bigger
+# values go through a worker thread and the event loop keeps serving other requests.
+_OFFLOAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item's embeddings: [num_tiles, tokens_per_tile, hidden] raw little-endian bytes."""
+
+    dtype: int  # internvl.v1.DType
+    shape: tuple[int, ...]
+    payload: bytes | bytearray | memoryview  # decode_entry returns a zero-copy memoryview
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if not 1 <= len(self.shape) <= MAX_NDIM:
+            raise ValueError(f"entry shape must have 1..{MAX_NDIM} dimensions, got {self.shape}")
+        if self.shape[0] >= 2**32:
+            raise ValueError(f"num_tiles {self.shape[0]} does not fit the header")
+        nbytes = make_header(self.dtype, self.shape).byte_length  # WireError on a bad dtype/shape
+        if memoryview(self.payload).nbytes != nbytes:
+            raise ValueError(
+                f"payload has {memoryview(self.payload).nbytes} bytes, shape {list(self.shape)} "
+                f"{DTYPE_NAMES[self.dtype]} needs {nbytes}"
+            )
+
+    @property
+    def num_tiles(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return memoryview(self.payload).nbytes
+
+    @property
+    def encoded_size(self) -> int:
+        return HEADER_FIXED_BYTES + 8 * len(self.shape) + self.nbytes
+
+    def tensor_header(self) -> tensor_pb2.TensorHeader:
+        return make_header(self.dtype, self.shape)
+
+
+def encode_entry(entry: Entry) -> bytes:
+    ndim = len(entry.shape)
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, entry.dtype, ndim, 0, entry.num_tiles, entry.nbytes)
+    shape = struct.pack(f"<{ndim}q", *entry.shape)
+    crc = zlib.crc32(entry.payload, zlib.crc32(shape, zlib.crc32(prefix)))
+    return b"".join((prefix, _CRC.pack(crc), shape, entry.payload))
+
+
+def decode_entry(raw: bytes | bytearray | memoryview) -> Entry:
+    """Parse and verify a value; raises EntryFormatError on any damage. The payload is not copied."""
+    view = memoryview(raw).cast("B")
+    if len(view) < HEADER_FIXED_BYTES:
+        raise EntryFormatError(f"truncated: {len(view)} bytes, the header alone is {HEADER_FIXED_BYTES}")
+    magic, version, dtype, ndim, reserved, num_tiles, payload_len = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise EntryFormatError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise EntryFormatError(f"unsupported entry version {version} (this gateway reads {FORMAT_VERSION})")
+    if not 1 <= ndim <= MAX_NDIM or reserved != 0:
+        raise EntryFormatError(f"bad header (ndim={ndim}, reserved={reserved})")
+    shape_end = HEADER_FIXED_BYTES + 8 * ndim
+    if len(view) != shape_end + payload_len:
+        raise EntryFormatError(
+            f"length mismatch: header announces {payload_len} payload bytes, "
+            f"the value holds {len(view) - shape_end}"
+        )
+    (stored_crc,) = _CRC.unpack_from(view, _PREFIX.size)
+    shape_bytes, payload = view[HEADER_FIXED_BYTES:shape_end], view[shape_end:]
+    crc = zlib.crc32(payload, zlib.crc32(shape_bytes, zlib.crc32(view[: _PREFIX.size])))
+    if crc != stored_crc:
+        raise EntryFormatError(f"checksum mismatch (stored {stored_crc:08x}, computed {crc:08x})")
+    try:
+        entry = Entry(dtype, struct.unpack(f"<{ndim}q", shape_bytes), payload)
+    except (WireError, ValueError) as e:
+        raise EntryFormatError(f"inconsistent header: {e}") from e
+    if entry.num_tiles != num_tiles:
+        raise EntryFormatError(f"num_tiles {num_tiles} does not match shape {list(entry.shape)}")
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+
+
+def redis_client(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis:
+    """A bytes-mode client that fails fast instead of redis-py's default of ten retries with backoff.
+
+    One immediate retry reconnects a connection that a Redis restart left dead in the pool.
+    """
+    return aioredis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1),
+        decode_responses=False,
+    )
+
+
+@dataclass(frozen=True)
+class FeatureCacheConfig:
+    ttl_s: float = 3600.0  # features are re-creatable; the TTL lets cold images leave Redis
+    # 13 tiles x 2 MiB (8B, bf16) = 26 MiB; room for fp32, refusing only pathological values.
+    max_entry_bytes: int = 64 << 20
+    op_timeout_s: float = 2.0  # bound on any one Redis call, whatever the client is configured to do
+    retry_after_s: float = 1.0  # after a connection failure, skip Redis this long (0 = always try)
+    # Single-flight across replicas: a short `SET NX PX` lock; the others poll for the value.
+    cross_replica_lock: bool = True
+    lock_ttl_s: float = 30.0  # outlives a slow encode; a crashed holder's lock just expires
+    lock_wait_s: float = 5.0  # then compute anyway: a stuck replica must not stall this one
+    lock_poll_s: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("ttl_s", "op_timeout_s", "lock_ttl_s", "lock_poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"FeatureCacheConfig.{name} must be positive")
+        if self.max_entry_bytes <= 0 or self.retry_after_s < 0 or self.lock_wait_s < 0:
+            raise ValueError("FeatureCacheConfig: max_entry_bytes > 0, retry_after_s >= 0, lock_wait_s >= 0")
+
+
+@dataclass
+class CacheStats:
+    """Plain counters (Prometheus reads them later). Per lookup: exactly one of hits / misses."""
+
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0  # failed Redis calls: down, timeout, OOM, ...
+    bypassed: int = 0  # Redis calls skipped while it was marked unavailable
+    corrupt: int = 0  # values that failed verification (deleted, served as misses)
+    oversize: int = 0  # entries not cached for exceeding max_entry_bytes
+    computes: int = 0
+    coalesced: int = 0  # callers that joined an identical in-flight lookup in this process
+    lock_waits: int = 0  # lookups that waited on another replica's compute
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+_FAILED: Any = object()  # sentinel: the Redis call failed and was already logged and counted
+
+_UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+Compute = Callable[[], Awaitable[Entry]]
+
+
+class FeatureCache:
+    """Embeddings by key in Redis, with single-flight computation of misses.
+
+    `client` must return bytes (decode_responses=False); `redis_client()` builds a suitable one.
+    """
+
+    def __init__(self, client: aioredis.Redis, config: FeatureCacheConfig | None = None):
+        self._redis = client
+        self.config = config or FeatureCacheConfig()
+        self.stats = CacheStats()
+        self._inflight: dict[str, asyncio.Future[tuple[Entry, bool]]] = {}
+        self._unavailable_until = 0.0
+        self._unlock_script = client.register_script(_UNLOCK_LUA)
+
+    async def _call(self, op: str, key: str, make_call: Callable[[], Awaitable[Any]]) -> Any:
+        """One Redis call that cannot fail the request: errors are logged, counted, and give _FAILED."""
+        if time.monotonic() < self._unavailable_until:
+            self.stats.bypassed += 1
+            return _FAILED
+        try:
+            return await asyncio.wait_for(make_call(), self.config.op_timeout_s)
+        except (RedisConnectionError, RedisTimeoutError, asyncio.TimeoutError, OSError) as e:
+            # Unreachable or hanging: stop paying a timeout per request for a while.
+            self.stats.errors += 1
+            self._unavailable_until = time.monotonic() + self.config.retry_after_s
+            log.warning("feature cache: Redis %s %s failed (%s: %s); bypassing the cache for %.1fs",
+                        op, key, type(e).__name__, e, self.config.retry_after_s)
+        except RedisError as e:  # reachable but refused (OOM when full, ...): only this call fails
+            self.stats.errors += 1
+            log.warning("feature cache: Redis %s %s refused (%s: %s)", op, key, type(e).__name__, e)
+        return _FAILED
+
+    async def _fetch(self, key: str) -> Entry | None:
+        raw = await self._call("GET", key, lambda: self._redis.get(key))
+        if raw is _FAILED or raw is None:
+            return None
+        try:
+            if len(raw) >= _OFFLOAD_BYTES:
+                entry = await asyncio.to_thread(decode_entry, raw)
+            else:
+                entry = decode_entry(raw)
+        except EntryFormatError as e:
+            # Worst case this races a fresh write from another replica and deletes it: one extra miss.
+            self.stats.corrupt += 1
+            log.warning("feature cache: dropping corrupt entry %s: %s", key, e)
+            await self._call("DEL", key, lambda: self._redis.delete(key))
+            return None
+        self.stats.bytes_read += len(raw)
+        return entry
+
+    async def get(self, key: str) -> Entry | None:
+        entry = await self._fetch(key)
+        if entry is None:
+            self.stats.misses += 1
+        else:
+            self.stats.hits += 1
+        return entry
+
+    async def put(self, key: str, entry: Entry, ttl_s: float | None = None) -> bool:
+        """Store `entry`; False (logged, counted) when it is too big or Redis refuses/fails."""
+        if entry.encoded_size > self.config.max_entry_bytes:
+            self.stats.oversize += 1
+            log.info("feature cache: not caching %s: %d bytes > max_entry_bytes %d",
+                     key, entry.encoded_size, self.config.max_entry_bytes)
+            return False
+        ttl_ms = max(1, math.ceil((self.config.ttl_s if ttl_s is None else ttl_s) * 1000))
+        if entry.nbytes >= _OFFLOAD_BYTES:
+            raw = await asyncio.to_thread(encode_entry, entry)
+        else:
+            raw = encode_entry(entry)
+        if await self._call("SET", key, lambda: self._redis.set(key, raw, px=ttl_ms)) is _FAILED:
+            return False
+        self.stats.bytes_written += len(raw)
+        return True
+
+    async def get_or_compute(self, key: str, compute: Compute) -> tuple[Entry, bool]:
+        """The cached entry (hit=True), or `compute()`'s, stored for next time (hit=False).
+
+        Concurrent callers for one key share one lookup and one compute, and all get its result
+        or its exception. The shared work is shielded from any one caller's cancellation (a client
+        hanging up must not fail the others); if every caller leaves, it still finishes and fills
+        the cache, so `compute` must bound its own time (e.g. a gRPC deadline).
+        """
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._lookup_or_compute(key, compute))
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._release_slot, key))
+        else:
+            self.stats.coalesced += 1
+        return await asyncio.shield(task)
+
+    def _release_slot(self, key: str, task: asyncio.Future[tuple[Entry, bool]]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # mark retrieved: when every caller has left, nobody else reads it
+
+    async def _lookup_or_compute(self, key: str, compute: Compute) -> tuple[Entry, bool]:
+        entry = await self._fetch(key)
+        token = None
+        if entry is None and self.config.cross_replica_lock:
+            token, entry = await self._lock_or_wait(key)
+        if entry is not None:
+            self.stats.hits += 1
+            return entry, True
+        self.stats.misses += 1
+        try:
+            self.stats.computes += 1
+            entry = await compute()
+            if not isinstance(entry, Entry):
+                raise TypeError(f"compute() must return an Entry, got {type(entry).__name__}")
+            await self.put(key, entry)
+            return entry, False
+        finally:
+            if token is not None:
+                await self._unlock(key + LOCK_SUFFIX, token)
+
+    async def _unlock(self, lock_key: str, token: str) -> None:
+        # Delete only our own lock: if ours expired and another replica took it, leave theirs alone.
+        await self._call("unlock", lock_key, lambda: self._unlock_script(keys=[lock_key], args=[token]))
+
+    async def _lock_or_wait(self, key: str) -> tuple[str | None, Entry | None]:
+        """Take the cross-replica compute lock for `key`, or wait (bounded) for the replica that has it.
+
+        Returns (token, None) when this replica holds the lock and should compute; (None, entry) when
+        another replica filled the key meanwhile; (None, None) to compute without the lock (Redis is
+        failing, the wait timed out).
+        """
+        lock_key = key + LOCK_SUFFIX
+        token = secrets.token_hex(16)
+        lock_ms = math.ceil(self.config.lock_ttl_s * 1000)
+        deadline = time.monotonic() + self.config.lock_wait_s
+        waited = False
+        while True:
+            got = await self._call("SET NX", lock_key,
+                                   lambda: self._redis.set(lock_key, token, nx=True, px=lock_ms))
+            if got is _FAILED:
+                return None, None
+            if got and not waited:
+                return token, None
+            if got:
+                # The previous holder finished (or gave up) between two polls: it may have stored it.
+                exists = await self._call("EXISTS", key, lambda: self._redis.exists(key))
+                entry = await self._fetch(key) if exists and exists is not _FAILED else None
+                if entry is None:
+                    return token, None
+                await self._unlock(lock_key, token)
+                return None, entry
+            if not waited:
+                waited = True
+                self.stats.lock_waits += 1
+            if time.monotonic() >= deadline:
+                log.warning("feature cache: waited %.1fs on another replica's compute of %s; computing here",
+                            self.config.lock_wait_s, key)
+                return None, None
+            await asyncio.sleep(self.config.lock_poll_s)
+            exists = await self._call("EXISTS", key, lambda: self._redis.exists(key))
+            if exists is _FAILED:
+                return None, None
+            if exists:
+                entry = await self._fetch(key)
+                if entry is not None:
+                    return None, entry
