@@ -66,7 +66,9 @@ class GrpcServer:
         self.health = HealthServicer()
         self.server = grpc.aio.server(
             interceptors=list(interceptors),
-            options=channel_options(config.max_receive_message_bytes, config.max_send_message_bytes),
+            # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it.
+            options=[*channel_options(config.max_receive_message_bytes, config.max_send_message_bytes),
+                     ("grpc.so_reuseport", 0)],
         )
         for svc in self.services:
             svc.add_to_server(svc.servicer, self.server)
@@ -104,7 +106,16 @@ async def serve_until_signal(server: GrpcServer, load: Callable[[], Awaitable[No
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     if load is not None:
-        await load()
+        # A SIGTERM during a long model load stops the process without waiting for the load.
+        loading = asyncio.ensure_future(load())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():
+            loading.cancel()
+            await server.stop()
+            return
+        stopping.cancel()
+        loading.result()  # re-raise a failed load
     await server.set_serving(True)
     log.info("serving")
     await stop.wait()

@@ -1,0 +1,77 @@
+"""model_fingerprint: stable for one checkpoint + dtype, different when either changes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from services.common.fingerprint import FingerprintError, model_fingerprint
+
+
+def make_checkpoint(root: Path, *, hidden: int = 8, seed: int = 0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"llm_config": {"hidden_size": hidden}}))
+    gen = torch.Generator().manual_seed(seed)
+    save_file({"mlp1.1.weight": torch.randn(hidden, hidden, generator=gen)}, str(root / "model.safetensors"))
+    return root
+
+
+def test_same_directory_gives_the_same_short_hex_id(tmp_path: Path) -> None:
+    root = make_checkpoint(tmp_path / "a")
+    first = model_fingerprint(root, "bf16")
+    assert first == model_fingerprint(str(root), "bf16")
+    assert len(first) == 16 and int(first, 16) >= 0
+
+
+def test_copy_elsewhere_gives_the_same_id(tmp_path: Path) -> None:
+    root = make_checkpoint(tmp_path / "a")
+    copy = tmp_path / "b"
+    shutil.copytree(root, copy)
+    assert model_fingerprint(root, "bf16") == model_fingerprint(copy, "bf16")
+
+
+def test_dtype_changes_the_id(tmp_path: Path) -> None:
+    root = make_checkpoint(tmp_path / "a")
+    assert model_fingerprint(root, "bf16") != model_fingerprint(root, "fp32")
+
+
+def test_config_changes_the_id(tmp_path: Path) -> None:
+    root = make_checkpoint(tmp_path / "a")
+    before = model_fingerprint(root, "bf16")
+    (root / "config.json").write_text(json.dumps({"llm_config": {"hidden_size": 8}, "use_thumbnail": False}))
+    assert model_fingerprint(root, "bf16") != before
+
+
+def test_same_shapes_different_weights_change_the_id(tmp_path: Path) -> None:
+    # Two fine-tunes of one architecture: identical config, headers and sizes.
+    a = make_checkpoint(tmp_path / "a", seed=0)
+    b = make_checkpoint(tmp_path / "b", seed=1)
+    assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size
+    assert model_fingerprint(a, "bf16") != model_fingerprint(b, "bf16")
+
+
+def test_added_shard_changes_the_id(tmp_path: Path) -> None:
+    root = make_checkpoint(tmp_path / "a")
+    before = model_fingerprint(root, "bf16")
+    save_file({"x": torch.zeros(2)}, str(root / "extra.safetensors"))
+    assert model_fingerprint(root, "bf16") != before
+
+
+def test_kit_checkpoint_is_fingerprinted(kit) -> None:
+    assert model_fingerprint(kit.root, "fp32") == model_fingerprint(kit.root, "fp32")
+
+
+def test_not_a_checkpoint_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FingerprintError, match="config.json"):
+        model_fingerprint(tmp_path, "bf16")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FingerprintError, match="safetensors"):
+        model_fingerprint(tmp_path, "bf16")
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(FingerprintError, match="header length"):
+        model_fingerprint(tmp_path, "bf16")
