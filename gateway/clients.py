@@ -1,0 +1,123 @@
+"""Channels from the gateway to the encoder and decoder replicas.
+
+A target is `host:port`, a comma-separated list of `ip:port` replicas, or any gRPC name such as
+`dns:///vision-encoder-headless:50051`. Channels use client-side round-robin over every address the
+name resolves to: gRPC keeps connections open, so balancing per connection (a plain ClusterIP) would
+pin all traffic to one pod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from gateway.feature_cache import Entry
+from internvl.v1 import decoder_pb2, decoder_pb2_grpc, vision_pb2, vision_pb2_grpc
+from services.common.wire import DEFAULT_CHUNK_BYTES, Reassembler, WireError, iter_chunks
+
+MiB = 1024 * 1024
+
+
+def channel_target(target: str) -> str:
+    if "," in target and ":///" not in target and not target.startswith(("ipv4:", "ipv6:")):
+        return "ipv4:" + target  # a static list of replicas (IP literals)
+    return target
+
+
+def make_channel(target: str, *, max_message_bytes: int = 64 * MiB) -> grpc.aio.Channel:
+    options = [
+        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Re-resolve DNS soon after a replica goes away, and keep idle connections alive.
+        ("grpc.dns_min_time_between_resolutions_ms", 5000),
+        ("grpc.keepalive_time_ms", 30000),
+    ]
+    return grpc.aio.insecure_channel(channel_target(target), options=options)
+
+
+class PeerProtocolError(RuntimeError):
+    """A peer's response stream broke the contract (chunks without header, wrong sizes)."""
+
+
+class EncoderClient:
+    def __init__(self, target: str, *, max_item_bytes: int = 256 * MiB):
+        self.channel = make_channel(target)
+        self._stub = vision_pb2_grpc.VisionEncoderStub(self.channel)
+        self._max_item_bytes = max_item_bytes
+        self._info: vision_pb2.ModelInfo | None = None
+
+    async def model_info(self, timeout: float | None = None) -> vision_pb2.ModelInfo:
+        if self._info is None:
+            self._info = await self._stub.GetModelInfo(vision_pb2.GetModelInfoRequest(), timeout=timeout)
+        return self._info
+
+    async def encode(
+        self,
+        request: vision_pb2.EncodeRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> list[tuple[vision_pb2.EmbeddingHeader, Entry]]:
+        """All items of one Encode call, reassembled from their chunks."""
+        items: list[tuple[vision_pb2.EmbeddingHeader, Entry]] = []
+        header: vision_pb2.EmbeddingHeader | None = None
+        buf: Reassembler | None = None
+
+        def finish() -> None:
+            try:
+                payload = buf.result()
+            except WireError as exc:
+                raise PeerProtocolError(f"encoder item {header.index}: {exc}") from exc
+            items.append((header, Entry(header.tensor.dtype, tuple(header.tensor.shape), payload)))
+
+        async for msg in self._stub.Encode(request, timeout=timeout, metadata=metadata):
+            if msg.HasField("header"):
+                if buf is not None:
+                    finish()
+                header = msg.header
+                try:
+                    buf = Reassembler(header.tensor, max_bytes=self._max_item_bytes)
+                except WireError as exc:
+                    raise PeerProtocolError(f"encoder sent a bad header: {exc}") from exc
+            else:
+                if buf is None or buf.feed(msg.chunk) != len(msg.chunk):
+                    raise PeerProtocolError("encoder sent bytes beyond the announced tensor")
+        if buf is not None:
+            finish()
+        return items
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class DecoderClient:
+    def __init__(self, target: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.channel = make_channel(target)
+        self._stub = decoder_pb2_grpc.LanguageDecoderStub(self.channel)
+        self._chunk_bytes = chunk_bytes
+
+    def generate(
+        self,
+        setup: decoder_pb2.GenerateSetup,
+        images: Sequence[Entry],
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> AsyncIterator[decoder_pb2.GenerateResponse]:
+        """Stream the setup and every image's bytes; iterate the returned call for the deltas.
+
+        Cancelling the returned call (or its deadline passing) stops generation on the decoder.
+        """
+
+        async def requests() -> AsyncIterator[decoder_pb2.GenerateRequest]:
+            yield decoder_pb2.GenerateRequest(setup=setup)
+            for entry in images:
+                for chunk in iter_chunks(entry.payload, self._chunk_bytes):
+                    yield decoder_pb2.GenerateRequest(chunk=chunk)
+
+        return self._stub.Generate(requests(), timeout=timeout, metadata=metadata)
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,64 @@
+"""`python -m services.language_decoder --model DIR|HUB_ID [--port 50053] ...` (see `--help`).
+
+The port opens at once with health NOT_SERVING; it turns SERVING once the model and its KV cache
+are ready. SIGTERM drains in-flight generations for `--grace-seconds`, then cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from internvl.v1 import decoder_pb2_grpc
+from services.common.checkpoint import CheckpointError
+from services.common.server import GrpcServer, Service, serve_until_signal
+from services.language_decoder.config import DecoderConfig
+from services.language_decoder.servicer import SERVICE_NAME, DecoderRuntime, LanguageDecoderServicer
+
+log = logging.getLogger("services.language_decoder")
+
+
+async def serve(config: DecoderConfig) -> None:
+    servicer = LanguageDecoderServicer(config)
+    server = GrpcServer(
+        config.server_config(),
+        [Service(SERVICE_NAME, decoder_pb2_grpc.add_LanguageDecoderServicer_to_server, servicer)],
+    )
+
+    async def load() -> None:
+        servicer.attach(await asyncio.to_thread(DecoderRuntime.load, config))
+
+    try:
+        await serve_until_signal(server, load=load)
+    except BaseException:
+        await server.server.stop(grace=None)
+        raise
+    finally:
+        servicer.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = DecoderConfig.from_args(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    log.info("starting language decoder: %s", config)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    except CheckpointError as exc:
+        log.error("cannot load the model: %s", exc)
+        return 2
+    except Exception:
+        log.exception("language decoder stopped on an error")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

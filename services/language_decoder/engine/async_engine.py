@@ -1,0 +1,157 @@
+"""`AsyncEngine`: the `LLMEngine` driven by a background thread, streamed to asyncio callers.
+
+The thread runs steps while there is work and sleeps otherwise. Callers never touch the engine: new
+sequences and aborts go through a small locked inbox that the thread drains before every step, so
+an abort (a closed or cancelled stream, an expired deadline) takes effect before the next step runs
+and its blocks are free by then. Outputs go back through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from .engine import LLMEngine
+from .errors import EngineClosed, QueueFull, RequestFailed
+from .request import EngineOutput, EngineRequest
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._new: list[Sequence] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream a request's outputs; the last one has `finished=True`, `finish_reason` and `usage`.
+
+        Raises (on the first iteration) PromptTooLong or ValueError for a bad request, QueueFull when
+        the admission queue is full, EngineClosed after `close()`, and RequestFailed if the model
+        step carrying the request failed. Closing the iterator early (`aclose()`, `break` followed
+        by garbage collection, or cancelling the task that awaits it) aborts the request.
+        """
+        seq = self.engine.make_sequence(request)
+        rid = seq.request_id
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the decoder engine is shut down")
+            if rid in self._streams:
+                raise ValueError(f"request id {rid!r} is already running")
+            if len(self.engine.scheduler.waiting) + len(self._new) >= self.engine.config.max_queue_size:
+                raise QueueFull(
+                    f"the decoder queue is full ({self.engine.config.max_queue_size} requests waiting)"
+                )
+            self._new.append(seq)
+            self._streams[rid] = (loop, queue)
+            self._start_locked()
+        self._wake.set()
+        done = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                if item.finished:
+                    done = True
+                    if item.finish_reason == "error":
+                        raise RequestFailed(item.error or "the decoder step failed")
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                with self._lock:
+                    self._streams.pop(rid, None)
+                    self._aborts.append(rid)
+                self._wake.set()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop the thread after its current step; pending streams fail with EngineClosed."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout)
+        with self._lock:
+            streams, self._streams = self._streams, {}
+            self._new.clear()
+        for rid in list(self.engine.sequences):
+            self.engine.abort(rid)
+        for loop, queue in streams.values():
+            self._put(loop, queue, EngineClosed("the decoder engine shut down"))
+
+    @property
+    def num_active(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _start_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="decoder-engine", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            self._wake.clear()
+            with self._lock:
+                if self._closed:
+                    return
+                new, self._new = self._new, []
+                aborts, self._aborts = self._aborts, []
+            for seq in new:
+                try:
+                    engine.enqueue(seq)
+                except Exception as exc:  # e.g. QueueFull after preemptions refilled the queue
+                    self._deliver_error(seq.request_id, exc)
+            for rid in aborts:
+                engine.abort(rid)
+            if not engine.has_unfinished():
+                self._wake.wait()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # a bug outside the model call: fail everything, keep serving
+                log.exception("decoder engine step crashed")
+                for rid in list(engine.sequences):
+                    engine.abort(rid)
+                    self._deliver_error(rid, RequestFailed(f"{type(exc).__name__}: {exc}"))
+                continue
+            for out in outputs:
+                self._deliver(out)
+
+    def _deliver(self, out: EngineOutput) -> None:
+        with self._lock:
+            target = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(
+                out.request_id
+            )
+        if target is not None:
+            self._put(*target, out)
+
+    def _deliver_error(self, rid: str, exc: BaseException) -> None:
+        with self._lock:
+            target = self._streams.pop(rid, None)
+        if target is not None:
+            self._put(*target, exc)
+
+    @staticmethod
+    def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens any more
+            loop.call_soon_threadsafe(queue.put_nowait, item)

@@ -1,0 +1,181 @@
+"""`LLMEngine`: the synchronous step loop (schedule -> run the model -> sample -> emit outputs)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from services.language_decoder.model import InternLM2ForCausalLM
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenize import IncrementalDetokenizer, OutputText
+from .errors import PromptTooLong
+from .request import EngineOutput, EngineRequest, Usage
+from .runner import ModelRunner
+from .sampler import sample_next
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Running totals, for metrics and tests."""
+
+    steps: int = 0
+    prompt_tokens_computed: int = 0  # prompt tokens run through the model (recomputes included)
+    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    generated_tokens: int = 0
+    failed_steps: int = 0
+
+
+class LLMEngine:
+    """Continuous-batching engine over one `InternLM2ForCausalLM` and a paged KV cache.
+
+    Not thread-safe: one thread calls `add_request`, `abort` and `step` (`AsyncEngine` is that thread
+    for the servicer). `tokenizer` (an `InternLM2Tokenizer`) enables text deltas and stop strings;
+    without it outputs carry token ids only.
+    """
+
+    def __init__(
+        self,
+        model: InternLM2ForCausalLM,
+        config: EngineConfig | None = None,
+        tokenizer: object | None = None,
+        detokenizer_factory: Callable[[], IncrementalDetokenizer] | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.runner = ModelRunner(model, self.config)
+        # Cached KV carries the RoPE base it was written with; past the dynamic-NTK threshold that base
+        # depends on the whole sequence's length, so reuse is only exact below it.
+        limit = self.runner.rope_limit
+        prefix_ok = limit is None or self.config.max_model_len <= limit
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching and prefix_ok
+        )
+        self.scheduler = Scheduler(self.config, self.block_manager)
+        self.sequences: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        self.hidden_size = model.config.hidden_size
+        self._arrivals = itertools.count()
+        if detokenizer_factory is None and tokenizer is not None:
+            from services.language_decoder.tokenizer import IncrementalDecoder
+
+            def detokenizer_factory() -> IncrementalDetokenizer:
+                return IncrementalDecoder(tokenizer, skip_special_tokens=True)
+
+        self._detokenizer_factory = detokenizer_factory
+
+    # ------------------------------------------------------------------ requests
+
+    def make_sequence(self, request: EngineRequest) -> Sequence:
+        """Validate a request and build its sequence (raises PromptTooLong / ValueError)."""
+        n = len(request.prompt_token_ids)
+        if n > self.config.max_model_len:
+            raise PromptTooLong(
+                f"the prompt has {n} tokens; this model serves at most max_model_len="
+                f"{self.config.max_model_len} tokens (prompt + generated)"
+            )
+        embeds = request.image_embeds
+        if embeds is not None and embeds.shape[-1] != self.hidden_size:
+            raise ValueError(f"image embeddings have width {embeds.shape[-1]}, the model {self.hidden_size}")
+        if request.sampling.stop and self._detokenizer_factory is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        seq = Sequence(request, next(self._arrivals), self.config.block_size)
+        if self._detokenizer_factory is not None:
+            seq.detok = OutputText(self._detokenizer_factory(), request.sampling.stop)
+        return seq
+
+    def enqueue(self, seq: Sequence) -> None:
+        if seq.request_id in self.sequences:
+            raise ValueError(f"request id {seq.request_id!r} is already running")
+        self.scheduler.add(seq)  # raises QueueFull
+        self.sequences[seq.request_id] = seq
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.enqueue(self.make_sequence(request))
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now and free its blocks; False if it is unknown or already finished."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> list[EngineOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.stats.steps += 1
+        try:
+            seqs, logits = self.runner.execute(batch.scheduled)
+            tokens = sample_next(logits, seqs)
+        except Exception as exc:  # a failed forward fails its requests, never the engine
+            log.exception("decoder step failed; dropping %d request(s)", len(batch.scheduled))
+            self.stats.failed_steps += 1
+            return [self._fail(s.seq, exc) for s in batch.scheduled]
+        for s in batch.scheduled:
+            if s.seq.num_computed_tokens < s.seq.num_prompt_tokens:
+                self.stats.prompt_tokens_computed += min(s.num_tokens, s.seq.num_prompt_tokens - s.start)
+            s.seq.num_computed_tokens += s.num_tokens
+            self.block_manager.register_computed(s.seq)
+        return [self._append(seq, tok) for seq, tok in zip(seqs, tokens, strict=True)]
+
+    def _append(self, seq: Sequence, token: int) -> EngineOutput:
+        seq.append_token(token)
+        self.stats.generated_tokens += 1
+        if seq.num_output_tokens == 1:
+            self.stats.cached_prompt_tokens += seq.num_cached_tokens or 0
+        params, text, reason, stop_string = seq.sampling, "", None, False
+        if token in params.stop_token_ids:
+            reason = "stop"  # the stop token's own text is not part of the response
+        elif seq.detok is not None:
+            text, stop_string = seq.detok.push(token)
+            reason = "stop" if stop_string else None
+        if reason is None and (
+            seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.config.max_model_len
+        ):
+            reason = "length"
+        if reason is None:
+            return EngineOutput(seq.request_id, [token], text)
+        if seq.detok is not None and not stop_string:  # nothing after a stop string is ever sent
+            text += seq.detok.finish()
+        self._finish(seq, reason)
+        return EngineOutput(seq.request_id, [token], text, True, reason, self._usage(seq))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.sequences.pop(seq.request_id, None)
+        self.scheduler.finish(seq, reason)
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> EngineOutput:
+        self._finish(seq, "error")
+        return EngineOutput(
+            seq.request_id, [], "", True, "error", self._usage(seq), error=f"{type(exc).__name__}: {exc}"
+        )
+
+    @staticmethod
+    def _usage(seq: Sequence) -> Usage:
+        return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens or 0)
+
+    # ------------------------------------------------------------------ conveniences
+
+    def run_until_done(self, requests: Iterable[EngineRequest] = ()) -> dict[str, list[EngineOutput]]:
+        """Add `requests`, step until nothing is left, return every output grouped by request id."""
+        outputs: dict[str, list[EngineOutput]] = {}
+        for request in requests:
+            self.add_request(request)
+            outputs[request.request_id] = []
+        while self.has_unfinished():
+            for out in self.step():
+                outputs.setdefault(out.request_id, []).append(out)
+        return outputs

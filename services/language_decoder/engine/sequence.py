@@ -1,0 +1,159 @@
+"""One request's state inside the engine: its tokens, image rows, KV blocks and progress."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from array import array
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .request import EngineRequest, SamplingParams, content_hash
+
+if TYPE_CHECKING:
+    from .detokenize import OutputText
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # in the admission queue (new, or preempted and waiting to recompute)
+    RUNNING = "running"  # holds KV blocks; prefilling or decoding
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Tokens are `prompt + outputs`; `num_computed_tokens` of them have their K/V in `block_table`.
+
+    Each step the scheduler gives a sequence `num_tokens - num_computed_tokens` tokens (one when
+    decoding, a chunk of the prompt when prefilling, prompt + outputs after a preemption); when the
+    step catches it up, the logits of its last token pick the next token.
+    """
+
+    def __init__(self, request: EngineRequest, arrival: int, block_size: int) -> None:
+        prompt = [int(t) for t in request.prompt_token_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        self.request_id = request.request_id
+        self.sampling: SamplingParams = request.sampling
+        self.arrival = arrival
+        self.block_size = block_size
+        self.token_ids: list[int] = prompt
+        self.num_prompt_tokens = len(prompt)
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0  # leading blocks already published to the prefix cache
+        self.num_computed_tokens = 0
+        self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+        self.detok: OutputText | None = None
+        self._set_images(request)
+        self._block_hashes: list[bytes] = []
+        self._prev_tokens: Tensor | None = None  # output ids as a tensor, for the repetition penalty
+
+    # ------------------------------------------------------------------ images
+
+    def _set_images(self, request: EngineRequest) -> None:
+        spans = [(int(s), int(e)) for s, e in request.image_spans]
+        embeds = request.image_embeds
+        n_rows = 0 if embeds is None else embeds.reshape(-1, embeds.shape[-1]).shape[0]
+        prev_end = 0
+        for s, e in spans:
+            if not prev_end <= s < e <= self.num_prompt_tokens:
+                raise ValueError(f"image spans must be ordered, non-empty and inside the prompt: {spans}")
+            prev_end = e
+        if sum(e - s for s, e in spans) != n_rows:
+            raise ValueError(
+                f"image spans cover {sum(e - s for s, e in spans)} prompt positions but {n_rows} "
+                "image embedding rows were given"
+            )
+        hashes = list(request.image_hashes)
+        if hashes and len(hashes) != len(spans):
+            raise ValueError(f"{len(spans)} image spans but {len(hashes)} image hashes")
+        self.image_embeds = None if embeds is None or n_rows == 0 else embeds.reshape(n_rows, -1)
+        self.image_spans = spans
+        self.image_row_offsets = [0]
+        for s, e in spans:
+            self.image_row_offsets.append(self.image_row_offsets[-1] + e - s)
+        if not hashes and spans:  # no content hash given: hash what we were sent, per image
+            hashes = [
+                content_hash(self.image_embeds[a:b])
+                for a, b in zip(self.image_row_offsets, self.image_row_offsets[1:], strict=False)
+            ]
+        self.image_hashes = [h.encode() if isinstance(h, str) else bytes(h) for h in hashes]
+
+    def image_rows(self, start: int, end: int) -> list[tuple[int, Tensor]]:
+        """(position, rows) pieces of image embeddings for prompt positions in [start, end)."""
+        out = []
+        for (s, e), row0 in zip(self.image_spans, self.image_row_offsets, strict=False):
+            lo, hi = max(s, start), min(e, end)
+            if lo < hi:
+                out.append((lo, self.image_embeds[row0 + lo - s : row0 + hi - s]))
+        return out
+
+    # ------------------------------------------------------------------ tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self._prev_tokens = None
+
+    def prev_tokens(self, device: torch.device) -> Tensor:
+        """Generated ids [1, n] (what HF's repetition penalty sees), cached between steps."""
+        if self._prev_tokens is None or self._prev_tokens.device != device:
+            self._prev_tokens = torch.tensor([self.output_token_ids], dtype=torch.long, device=device)
+        return self._prev_tokens
+
+    # ------------------------------------------------------------------ blocks
+
+    @property
+    def num_full_blocks(self) -> int:
+        return self.num_tokens // self.block_size
+
+    def block_hash(self, i: int) -> bytes:
+        """Content key of full block i: a chain over every earlier block's tokens and images.
+
+        Covers the block's token ids and, for each image whose span overlaps it, the image's content
+        hash and span: every image is the same `<IMG_CONTEXT>` run, so ids alone would let two
+        different images share KV.
+        """
+        while len(self._block_hashes) <= i:
+            j = len(self._block_hashes)
+            start, end = j * self.block_size, (j + 1) * self.block_size
+            if end > self.num_tokens:
+                raise IndexError(f"block {j} is not full")
+            h = hashlib.sha256(self._block_hashes[-1] if self._block_hashes else b"")
+            h.update(array("q", self.token_ids[start:end]).tobytes())
+            for (s, e), image_hash in zip(self.image_spans, self.image_hashes, strict=True):
+                if s < end and e > start:
+                    h.update(b"img" + struct.pack("<qq", s, e) + image_hash)
+            self._block_hashes.append(h.digest())
+        return self._block_hashes[i]
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )

@@ -1,0 +1,293 @@
+"""The language decoder's gRPC servicer: a conversation with image embeddings in, text deltas out.
+
+The first request message carries the conversation and settings; each image's embeddings follow as
+raw chunks. The prompt is built exactly as upstream `chat()` builds it (template, `<image>`
+expansion), tokenized, and handed to the engine; the engine's text deltas are streamed back as
+upstream's response text (`decode(...).split('<|im_end|>')[0].strip()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from internvl.v1 import decoder_pb2, decoder_pb2_grpc
+from services.common.checkpoint import parse_dtype, resolve_model_dir
+from services.common.fingerprint import model_fingerprint
+from services.common.model_config import InternVLConfig
+from services.common.tensors import TORCH_TO_WIRE, WIRE_TO_TORCH, tensor_from_wire
+from services.common.wire import DTYPE_NAMES, Reassembler, WireError
+from services.language_decoder.config import DecoderConfig
+from services.language_decoder.engine import (
+    AsyncEngine,
+    EngineClosed,
+    EngineConfig,
+    EngineRequest,
+    LLMEngine,
+    PromptTooLong,
+    QueueFull,
+    RequestFailed,
+    SamplingParams,
+    find_image_spans,
+)
+from services.language_decoder.model import load_language_model
+from services.language_decoder.prompt import (
+    IMAGE_PLACEHOLDER,
+    SYSTEM_MESSAGE,
+    expand_image_placeholders,
+    render_conversation,
+)
+from services.language_decoder.tokenizer import InternLM2Tokenizer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["LanguageDecoder"].full_name
+FINISH_REASONS = {"stop": decoder_pb2.FINISH_REASON_STOP, "length": decoder_pb2.FINISH_REASON_LENGTH}
+
+
+class BadRequest(ValueError):
+    """INVALID_ARGUMENT with this message."""
+
+
+@dataclass(frozen=True)
+class DecoderRuntime:
+    """Everything loaded once at start."""
+
+    engine: AsyncEngine
+    tokenizer: InternLM2Tokenizer
+    model_config: InternVLConfig
+    dtype: torch.dtype
+    fingerprint: str
+    max_model_len: int
+
+    @classmethod
+    def load(cls, config: DecoderConfig) -> DecoderRuntime:
+        """Blocking: run it in a worker thread while health is NOT_SERVING."""
+        device = config.resolved_device()
+        dtype = parse_dtype(config.dtype, device)
+        root = resolve_model_dir(config.model)
+        started = time.monotonic()
+        model = load_language_model(root, device=device, dtype=dtype)
+        tokenizer = InternLM2Tokenizer.from_dir(root)
+        engine_config = EngineConfig(
+            block_size=config.block_size,
+            num_kv_blocks=config.num_kv_blocks or None,
+            cpu_kv_cache_bytes=config.cpu_kv_cache_mib << 20,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            max_queue_size=config.max_queue_size,
+            device=device,
+        )
+        engine = AsyncEngine(LLMEngine(model, engine_config, tokenizer=tokenizer))
+        fingerprint = model_fingerprint(root, DTYPE_NAMES[TORCH_TO_WIRE[dtype]])
+        log.info("loaded language model from %s on %s in %s (fingerprint %s) in %.1fs",
+                 root, device, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], fingerprint, time.monotonic() - started)
+        return cls(engine, tokenizer, InternVLConfig.from_dir(root), dtype, fingerprint, config.max_model_len)
+
+
+class ResponseText:
+    """Streams upstream's `.strip()` of the response: no leading whitespace, trailing held back."""
+
+    def __init__(self) -> None:
+        self._started = False
+        self._pending = ""
+
+    def push(self, text: str) -> str:
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._started = True
+        text = self._pending + text
+        kept = text.rstrip()
+        self._pending = text[len(kept):]
+        return kept
+
+
+class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
+    def __init__(self, config: DecoderConfig):
+        self.config = config
+        self.runtime: DecoderRuntime | None = None
+
+    def attach(self, runtime: DecoderRuntime) -> None:
+        self.runtime = runtime
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.engine.close()
+
+    async def GetModelInfo(self, request, context) -> decoder_pb2.DecoderInfo:
+        rt = await self._runtime(context)
+        return decoder_pb2.DecoderInfo(
+            fingerprint=rt.fingerprint,
+            hidden_size=rt.model_config.llm.hidden_size,
+            tokens_per_tile=rt.model_config.num_image_token,
+            max_context=rt.max_model_len,
+            dtype=TORCH_TO_WIRE[rt.dtype],
+        )
+
+    async def Generate(self, request_iterator, context) -> AsyncIterator[decoder_pb2.GenerateResponse]:
+        rt = await self._runtime(context)
+        try:
+            request = await self._read_request(rt, request_iterator)
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        text = ResponseText()
+        try:
+            async for out in rt.engine.generate(request):
+                delta = text.push(out.text)
+                if out.finished:
+                    if out.finish_reason not in FINISH_REASONS:
+                        await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
+                    usage = out.usage
+                    yield decoder_pb2.GenerateResponse(
+                        text=delta,
+                        token_ids=out.token_ids,
+                        finish_reason=FINISH_REASONS[out.finish_reason],
+                        usage=decoder_pb2.Usage(
+                            prompt_tokens=usage.prompt_tokens,
+                            completion_tokens=usage.completion_tokens,
+                            cached_prompt_tokens=usage.cached_prompt_tokens,
+                        ),
+                    )
+                    return
+                if delta or out.token_ids:
+                    yield decoder_pb2.GenerateResponse(text=delta, token_ids=out.token_ids)
+        except PromptTooLong as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFull as exc:
+            # A hint for clients: retrying soon is fine, the queue drains at decode speed.
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decoder overloaded: {exc}",
+                                trailing_metadata=(("retry-after-ms", "1000"),))
+        except EngineClosed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decoder is shutting down")
+        except RequestFailed as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {exc}")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    # ------------------------------------------------------------------ request
+
+    async def _runtime(self, context) -> DecoderRuntime:
+        if self.runtime is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        return self.runtime
+
+    async def _read_request(self, rt: DecoderRuntime, request_iterator) -> EngineRequest:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("setup"):
+            raise BadRequest("the first message must carry the setup (conversation, sampling, images)")
+        setup = first.setup
+        sampling = self._sampling(rt, setup.sampling)
+        images = self._check_images(rt, setup)
+        conv = setup.conversation
+        history = [(t.user, t.assistant) for t in conv.history]
+        placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in history) + conv.question.count(IMAGE_PLACEHOLDER)
+        if placeholders != len(images):
+            raise BadRequest(f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+                             f"but {len(images)} image(s) came with it")
+        system = conv.system_message if conv.HasField("system_message") else SYSTEM_MESSAGE
+        prompt = render_conversation(system, history, conv.question)
+        if images:
+            prompt = expand_image_placeholders(prompt, [d.num_tiles for d in images], rt.model_config.num_image_token)
+        ids = rt.tokenizer.encode(prompt)
+        if len(ids) >= rt.max_model_len:
+            raise BadRequest(f"the prompt is {len(ids)} tokens; this decoder's context is {rt.max_model_len} "
+                             "(prompt + answer): use fewer or smaller images, or a shorter history")
+        embeds = await self._read_embeddings(rt, images, request_iterator)
+        spans = find_image_spans(ids, rt.tokenizer.img_context_id)
+        # An image block is exactly one run of <IMG_CONTEXT>, so spans and images correspond one to one.
+        if len(spans) != len(images):
+            raise BadRequest("the text contains <IMG_CONTEXT> tokens of its own")
+        return EngineRequest(
+            request_id=setup.request_id or uuid.uuid4().hex,
+            prompt_token_ids=ids,
+            sampling=sampling,
+            image_embeds=embeds,
+            image_spans=spans,
+            # Without hashes from the caller the engine hashes the embedding bytes itself.
+            image_hashes=[d.content_hash for d in images] if all(d.content_hash for d in images) else (),
+        )
+
+    def _sampling(self, rt: DecoderRuntime, p: decoder_pb2.SamplingParams) -> SamplingParams:
+        stop_ids = (rt.tokenizer.im_end_id, *p.stop_token_ids)  # chat() stops on <|im_end|>
+        vocab = rt.model_config.llm.vocab_size
+        if any(not 0 <= t < vocab for t in p.stop_token_ids):
+            raise BadRequest(f"stop_token_ids must be in [0, {vocab})")
+        if p.max_new_tokens < 0:
+            raise BadRequest("max_new_tokens must be >= 0 (0 = the server default)")
+        try:
+            return SamplingParams(
+                max_new_tokens=min(p.max_new_tokens or self.config.default_max_new_tokens, rt.max_model_len),
+                do_sample=p.do_sample,
+                temperature=p.temperature if p.HasField("temperature") else 1.0,
+                top_p=p.top_p if p.HasField("top_p") else 1.0,
+                top_k=p.top_k if p.HasField("top_k") else 0,
+                repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+                stop_token_ids=stop_ids,
+                stop=tuple(p.stop),
+                seed=p.seed if p.HasField("seed") else None,
+            )
+        except ValueError as exc:
+            raise BadRequest(f"invalid sampling settings: {exc}") from exc
+
+    def _check_images(self, rt: DecoderRuntime, setup) -> list[decoder_pb2.ImageDescriptor]:
+        images = list(setup.images)
+        if len(images) > self.config.max_images_per_request:
+            raise BadRequest(f"{len(images)} images; at most {self.config.max_images_per_request} per request")
+        tiles = rt.model_config.num_image_token
+        hidden = rt.model_config.llm.hidden_size
+        total = 0
+        for i, d in enumerate(images):
+            shape = list(d.tensor.shape)
+            if d.num_tiles < 1 or shape != [d.num_tiles, tiles, hidden]:
+                raise BadRequest(f"image {i}: embeddings must have shape [num_tiles, {tiles}, {hidden}] "
+                                 f"with num_tiles >= 1, got {shape} for num_tiles={d.num_tiles}")
+            if d.tensor.dtype not in WIRE_TO_TORCH:
+                raise BadRequest(f"image {i}: unsupported dtype {d.tensor.dtype}")
+            total += d.num_tiles
+        if total > self.config.max_image_tiles:
+            raise BadRequest(f"{total} image tiles; at most {self.config.max_image_tiles} per request")
+        return images
+
+    async def _read_embeddings(self, rt: DecoderRuntime, images, request_iterator) -> torch.Tensor | None:
+        """Reassemble every image's chunks, in order, into one [n_ctx, hidden] tensor."""
+        if not images:
+            return None
+        parts: list[torch.Tensor] = []
+        index = 0
+        try:
+            buf = Reassembler(images[0].tensor)
+            async for msg in request_iterator:
+                if not msg.HasField("chunk"):
+                    raise BadRequest("only embedding chunks may follow the setup message")
+                data = msg.chunk
+                while data:
+                    if index >= len(images):
+                        raise BadRequest("more embedding bytes than the image descriptors announce")
+                    taken = buf.feed(data)
+                    data = data[taken:]
+                    if buf.complete:
+                        parts.append(tensor_from_wire(images[index].tensor, buf.result()))
+                        index += 1
+                        if index < len(images):
+                            buf = Reassembler(images[index].tensor)
+                if index == len(images):
+                    break
+        except WireError as exc:
+            raise BadRequest(f"image {index}: {exc}") from exc
+        if index < len(images):
+            raise BadRequest(f"the request ended after {index} of {len(images)} images' embeddings")
+        hidden = rt.model_config.llm.hidden_size
+        return await asyncio.to_thread(
+            lambda: torch.cat([p.reshape(-1, hidden).to(rt.dtype) for p in parts])
+        )
