@@ -9,6 +9,9 @@ setup: $(VENV)/.installed
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server from Debian"; \
 	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
+	@command -v kubectl >/dev/null || { \
+	  echo "installing kubectl (kubernetes-client) from Debian"; \
+	  (apt-get update -qq && apt-get install -y -qq kubernetes-client) >/dev/null; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +31,21 @@ protos:
 
 lint:
 	$(PY) -m ruff check .
+
+MODEL ?=
+ENCODER_DEVICE ?=
+DECODER_DEVICE ?=
+DTYPE ?=
+RUN_ARGS ?=
+
+# The whole system on this machine (redis-server, encoder, decoder, gateway): one demo chat, then
+# serving in the foreground until Ctrl-C. The tiny random-weight checkpoint unless MODEL is given.
+run: setup
+	$(PY) -m services.tools.run_local --demo --keep-serving \
+	  $(if $(MODEL),--model $(MODEL)) \
+	  $(if $(ENCODER_DEVICE),--encoder-device $(ENCODER_DEVICE)) \
+	  $(if $(DECODER_DEVICE),--decoder-device $(DECODER_DEVICE)) \
+	  $(if $(DTYPE),--dtype $(DTYPE)) $(RUN_ARGS)
 
 # A random-weight InternVL2 checkpoint in the real layout (see README).
 tiny:

@@ -1,8 +1,13 @@
-"""`python -m gateway`: the public gRPC API in front of the encoder and decoder replicas."""
+"""`python -m gateway`: the public gRPC API in front of the encoder and decoder replicas.
+
+Every call but health and reflection needs `authorization: Bearer <key>` (see gateway/config.py),
+unless the gateway was started with `--insecure-open`. Prometheus metrics (RPCs, `ivl_gateway_*`
+feature cache) are on `--metrics-port` (default 9101). SIGTERM drains in-flight calls for
+`--grace-seconds` and exits 0.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
@@ -12,20 +17,36 @@ from gateway.feature_cache import FeatureCache, redis_client
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
 from internvl.v1 import gateway_pb2, gateway_pb2_grpc
-from services.common.server import GrpcServer, Service, serve_until_signal
+from services.common.interceptors import ApiKeyInterceptor
+from services.common.logging import configure_logging
+from services.common.metrics import FeatureCacheCollector
+from services.common.security import ApiKeys, SecurityConfigError
+from services.common.server import GrpcServer, Service, run_until_exit, serve_until_signal
+
+log = logging.getLogger("gateway")
 
 
 async def run(config: GatewayConfig) -> None:
-    redis = redis_client(config.redis_url)
-    encoder = EncoderClient(config.encoder_target)
-    decoder = DecoderClient(config.decoder_target)
-    servicer = GatewayServicer(
-        config, encoder, decoder, FeatureCache(redis, config.cache), SessionStore(redis, config.sessions)
-    )
+    peer_credentials = config.peer_tls.credentials() if config.peer_tls else None
+    redis = redis_client(config.redis_client_url)
+    encoder = EncoderClient(config.encoder_target, credentials=peer_credentials)
+    decoder = DecoderClient(config.decoder_target, credentials=peer_credentials)
+    cache = FeatureCache(redis, config.cache)
+    servicer = GatewayServicer(config, encoder, decoder, cache, SessionStore(redis, config.sessions))
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-    server = GrpcServer(config.server, [Service(name, gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)])
+    if config.insecure_open:
+        log.warning("--insecure-open: serving WITHOUT authentication; anyone who reaches %s can use the model",
+                    config.server.address)
+        auth = []
+    else:
+        auth = [ApiKeyInterceptor(ApiKeys(config.api_keys))]
+    server = GrpcServer(config.server, [Service(name, gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)],
+                        interceptors=auth, collectors=[FeatureCacheCollector(lambda: cache)])
     try:
         await serve_until_signal(server)
+    except BaseException:
+        await server.stop(now=True)
+        raise
     finally:
         await encoder.close()
         await decoder.close()
@@ -33,8 +54,19 @@ async def run(config: GatewayConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(GatewayConfig.from_args(argv)))
+    config = GatewayConfig.from_args(argv)
+    configure_logging(config.log_level, config.log_format)
+    log.info("starting gateway: %s", config.summary())
+    try:
+        run_until_exit(run(config))
+    except KeyboardInterrupt:
+        pass
+    except SecurityConfigError as exc:
+        log.error("cannot set up TLS: %s", exc)
+        return 2
+    except Exception:
+        log.exception("gateway stopped on an error")
+        return 1
     return 0
 
 

@@ -3,7 +3,8 @@
 A target is `host:port`, a comma-separated list of `ip:port` replicas, or any gRPC name such as
 `dns:///vision-encoder-headless:50051`. Channels use client-side round-robin over every address the
 name resolves to: gRPC keeps connections open, so balancing per connection (a plain ClusterIP) would
-pin all traffic to one pod.
+pin all traffic to one pod. With `credentials` (`ClientTls.credentials()`) a channel uses TLS, and
+presents a client certificate to peers that require one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def channel_target(target: str) -> str:
     return target
 
 
-def make_channel(target: str, *, max_message_bytes: int = 64 * MiB) -> grpc.aio.Channel:
+def make_channel(
+    target: str, *, max_message_bytes: int = 64 * MiB, credentials: grpc.ChannelCredentials | None = None
+) -> grpc.aio.Channel:
     options = [
         ("grpc.lb_policy_name", "round_robin"),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -34,6 +37,8 @@ def make_channel(target: str, *, max_message_bytes: int = 64 * MiB) -> grpc.aio.
         ("grpc.dns_min_time_between_resolutions_ms", 5000),
         ("grpc.keepalive_time_ms", 30000),
     ]
+    if credentials is not None:
+        return grpc.aio.secure_channel(channel_target(target), credentials, options=options)
     return grpc.aio.insecure_channel(channel_target(target), options=options)
 
 
@@ -42,8 +47,10 @@ class PeerProtocolError(RuntimeError):
 
 
 class EncoderClient:
-    def __init__(self, target: str, *, max_item_bytes: int = 256 * MiB):
-        self.channel = make_channel(target)
+    def __init__(
+        self, target: str, *, max_item_bytes: int = 256 * MiB, credentials: grpc.ChannelCredentials | None = None
+    ):
+        self.channel = make_channel(target, credentials=credentials)
         self._stub = vision_pb2_grpc.VisionEncoderStub(self.channel)
         self._max_item_bytes = max_item_bytes
         self._info: vision_pb2.ModelInfo | None = None
@@ -93,8 +100,10 @@ class EncoderClient:
 
 
 class DecoderClient:
-    def __init__(self, target: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        self.channel = make_channel(target)
+    def __init__(
+        self, target: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, credentials: grpc.ChannelCredentials | None = None
+    ):
+        self.channel = make_channel(target, credentials=credentials)
         self._stub = decoder_pb2_grpc.LanguageDecoderStub(self.channel)
         self._chunk_bytes = chunk_bytes
 

@@ -1,14 +1,33 @@
-"""Gateway configuration: flags with environment defaults, read in this one place."""
+"""Gateway configuration: flags with environment defaults, read in this one place.
+
+Security is on by default: the gateway refuses to start without API keys (`--api-keys-file`,
+IVL_GATEWAY_API_KEYS) unless `--insecure-open` says it is a local, open deployment. Keys have no
+flag of their own, so they never show in a process listing.
+
+Redis credentials and TLS go in the URL, as redis-py reads it: `rediss://user:password@host:6380/0`
+(`rediss` = TLS; `redis://:password@host` for a password alone); `--redis-tls-ca` names the CA that
+signed the Redis server's certificate (default: the system's roots).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gateway.feature_cache import FeatureCacheConfig
 from gateway.sessions import SessionConfig
+from services.common.flags import EnvFlags
+from services.common.logging import LOG_FORMATS
+from services.common.security import ClientTls, ServerTls, load_api_keys, redact_url
 from services.common.server import ServerConfig
+
+ENV_PREFIX = "IVL_GATEWAY_"
+API_KEYS_ENV = "IVL_GATEWAY_API_KEYS"
+DEFAULT_METRICS_PORT = 9101
 
 
 @dataclass(frozen=True)
@@ -16,7 +35,7 @@ class GatewayConfig:
     server: ServerConfig
     encoder_target: str
     decoder_target: str
-    redis_url: str
+    redis_url: str  # may hold a password: log `redis_url_redacted`
     cache: FeatureCacheConfig = FeatureCacheConfig()
     sessions: SessionConfig = SessionConfig()
     max_images_per_request: int = 16
@@ -26,29 +45,106 @@ class GatewayConfig:
     max_batch_size: int = 64
     # Used when a call has no deadline: nothing waits on a peer forever.
     default_timeout_s: float = 600.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty + insecure_open = no auth
+    insecure_open: bool = False
+    peer_tls: ClientTls | None = None  # TLS (and client certificates) towards encoders and decoders
+    redis_tls_ca: str = ""
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.api_keys and self.insecure_open:
+            raise ValueError(f"--insecure-open contradicts the API keys configured (--api-keys-file, {API_KEYS_ENV})")
+        if self.redis_tls_ca and urlsplit(self.redis_url).scheme != "rediss":
+            raise ValueError("--redis-tls-ca needs a rediss:// --redis-url (TLS)")
+        if not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise ValueError("--log-level must be a level name (DEBUG, INFO, WARNING, ERROR)")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+
+    @property
+    def redis_client_url(self) -> str:
+        """`redis_url` with the TLS CA as redis-py's `ssl_ca_certs` URL option."""
+        if not self.redis_tls_ca:
+            return self.redis_url
+        parts = urlsplit(self.redis_url)
+        query = [*parse_qsl(parts.query), ("ssl_ca_certs", self.redis_tls_ca)]
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+    @property
+    def redis_url_redacted(self) -> str:
+        return redact_url(self.redis_url)
+
+    def summary(self) -> str:
+        """The settings worth a start-up log line, secrets left out."""
+        auth = "OPEN (no API key)" if self.insecure_open else f"{len(self.api_keys)} API key(s)"
+        tls = self.server.tls
+        server_tls = "off" if tls is None else ("mutual" if tls.mutual else "on")
+        peer_tls = "off" if self.peer_tls is None else ("mutual" if self.peer_tls.cert else "on")
+        return (f"{self.server.address} auth={auth} tls={server_tls} encoder={self.encoder_target} "
+                f"decoder={self.decoder_target} peer_tls={peer_tls} redis={self.redis_url_redacted}")
 
     @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> GatewayConfig:
-        env = os.environ.get
+    def from_args(cls, argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:
+        env = os.environ if env is None else env
+        get = env.get
         p = argparse.ArgumentParser(prog="python -m gateway", description="InternVL2 public gRPC gateway")
-        p.add_argument("--host", default=env("IVL_GATEWAY_HOST", "127.0.0.1"))
-        p.add_argument("--port", type=int, default=int(env("IVL_GATEWAY_PORT", "50051")))
-        p.add_argument("--encoder", default=env("IVL_ENCODER_TARGET", "127.0.0.1:50052"),
+        p.add_argument("--host", default=get("IVL_GATEWAY_HOST", "127.0.0.1"))
+        p.add_argument("--port", type=int, default=int(get("IVL_GATEWAY_PORT", "50051")))
+        p.add_argument("--encoder", default=get("IVL_ENCODER_TARGET", "127.0.0.1:50052"),
                        help="encoder address(es): host:port, ip:port,ip:port, or dns:///name:port")
-        p.add_argument("--decoder", default=env("IVL_DECODER_TARGET", "127.0.0.1:50053"),
+        p.add_argument("--decoder", default=get("IVL_DECODER_TARGET", "127.0.0.1:50053"),
                        help="decoder address(es), same forms as --encoder")
-        p.add_argument("--redis-url", default=env("IVL_REDIS_URL", "redis://127.0.0.1:6379/0"))
-        p.add_argument("--feature-ttl", type=float, default=float(env("IVL_FEATURE_TTL_S", "3600")))
-        p.add_argument("--session-ttl", type=int, default=int(env("IVL_SESSION_TTL_S", "3600")))
-        p.add_argument("--max-images", type=int, default=int(env("IVL_MAX_IMAGES", "16")))
-        p.add_argument("--grace", type=float, default=float(env("IVL_GRACE_S", "30")))
+        p.add_argument("--redis-url", default=get("IVL_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                       help="redis://[[user]:password@]host:port/db, or rediss:// for TLS (env IVL_REDIS_URL)")
+        p.add_argument("--feature-ttl", type=float, default=float(get("IVL_FEATURE_TTL_S", "3600")))
+        p.add_argument("--session-ttl", type=int, default=int(get("IVL_SESSION_TTL_S", "3600")))
+        p.add_argument("--max-images", type=int, default=int(get("IVL_MAX_IMAGES", "16")))
+        p.add_argument("--grace", "--grace-seconds", dest="grace", type=float, default=float(get("IVL_GRACE_S", "30")),
+                       help="time in-flight calls get to finish on SIGTERM (env IVL_GRACE_S)")
+        flags = EnvFlags(p, ENV_PREFIX, {}, env)
+        flags.add("--api-keys-file", str, f"file of accepted API keys, one per line (also env {API_KEYS_ENV}, "
+                  "comma-separated)", default="")
+        flags.add_switch("--insecure-open", "serve without API keys (local use only)")
+        flags.add("--tls-cert", str, "PEM certificate chain: serve TLS (with --tls-key)", default="")
+        flags.add("--tls-key", str, "PEM private key of --tls-cert", default="")
+        flags.add("--tls-ca", str, "PEM CA bundle: require client certificates it signed (mutual TLS)", default="")
+        flags.add("--peer-tls-ca", str, "PEM CA that signed the encoders' and decoders' certificates: "
+                  "use TLS to them", default="")
+        flags.add("--peer-tls-cert", str, "PEM client certificate for mutual TLS to encoders and decoders",
+                  default="")
+        flags.add("--peer-tls-key", str, "PEM private key of --peer-tls-cert", default="")
+        flags.add("--redis-tls-ca", str, "PEM CA of the Redis server's certificate (rediss:// URLs)", default="")
+        flags.add("--metrics-port", int, "Prometheus /metrics port (0 = off)", default=DEFAULT_METRICS_PORT)
+        flags.add("--metrics-host", str, "metrics bind address (default: the same as --host)", default="")
+        flags.add("--log-level", str, "logging level", default="INFO")
+        flags.add("--log-format", str, "log lines as text or JSON (one object per line)", default="text",
+                  choices=LOG_FORMATS)
         a = p.parse_args(argv)
-        return cls(
-            server=ServerConfig(host=a.host, port=a.port, grace_seconds=a.grace),
-            encoder_target=a.encoder,
-            decoder_target=a.decoder,
-            redis_url=a.redis_url,
-            cache=FeatureCacheConfig(ttl_s=a.feature_ttl),
-            sessions=SessionConfig(default_ttl_s=a.session_ttl, max_ttl_s=max(a.session_ttl, 7 * 24 * 3600)),
-            max_images_per_request=a.max_images,
-        )
+        try:
+            keys = load_api_keys(a.api_keys_file, get(API_KEYS_ENV, ""))
+            if not keys and not a.insecure_open:
+                raise ValueError(f"no API keys: give --api-keys-file or {API_KEYS_ENV}, or --insecure-open "
+                                 "to serve without authentication (local use only)")
+            if not 0 <= a.metrics_port <= 65535:
+                raise ValueError("--metrics-port must be in [0, 65535]")
+            return cls(
+                server=ServerConfig(host=a.host, port=a.port, grace_seconds=a.grace,
+                                    tls=ServerTls.from_flags(a.tls_cert, a.tls_key, a.tls_ca),
+                                    metrics_port=a.metrics_port, metrics_host=a.metrics_host),
+                encoder_target=a.encoder,
+                decoder_target=a.decoder,
+                redis_url=a.redis_url,
+                cache=FeatureCacheConfig(ttl_s=a.feature_ttl),
+                sessions=SessionConfig(default_ttl_s=a.session_ttl, max_ttl_s=max(a.session_ttl, 7 * 24 * 3600)),
+                max_images_per_request=a.max_images,
+                api_keys=keys,
+                insecure_open=a.insecure_open,
+                peer_tls=ClientTls.from_flags(a.peer_tls_ca, a.peer_tls_cert, a.peer_tls_key),
+                redis_tls_ca=a.redis_tls_ca,
+                log_level=a.log_level,
+                log_format=a.log_format,
+            )
+        except ValueError as exc:  # SecurityConfigError included
+            p.error(str(exc))
+            raise  # unreachable: p.error exits

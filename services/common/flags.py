@@ -7,8 +7,14 @@ so containers configure by env and people by flags.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from services.common.logging import LOG_FORMATS
+from services.common.security import SecurityConfigError, ServerTls
+
+_NO_DEFAULT = object()
 
 
 class EnvFlags:
@@ -19,15 +25,63 @@ class EnvFlags:
         self.defaults = defaults  # dataclass __dataclass_fields__
         self.env = env
 
-    def add(self, flag: str, kind: Callable[[str], Any], help_: str, **kw: Any) -> None:
+    def env_name(self, flag: str) -> str:
+        return self.prefix + flag.removeprefix("--").replace("-", "_").upper()
+
+    def add(self, flag: str, kind: Callable[[str], Any], help_: str, *, default: Any = _NO_DEFAULT,
+            **kw: Any) -> None:
+        """`default` overrides the dataclass field's default (for flags that are not fields)."""
         dest = flag.removeprefix("--").replace("-", "_")
-        env_name = self.prefix + dest.upper()
+        env_name = self.env_name(flag)
         raw = self.env.get(env_name)
+        if default is _NO_DEFAULT:
+            default = self.defaults[dest].default
         try:
-            default = kind(raw) if raw not in (None, "") else self.defaults[dest].default
+            default = kind(raw) if raw not in (None, "") else default
         except ValueError as exc:
             self.parser.error(f"{env_name}={raw!r}: {exc}")
         self.parser.add_argument(flag, type=kind, default=default, help=f"{help_} (env {env_name})", **kw)
+
+    def add_switch(self, flag: str, help_: str) -> None:
+        """A flag without a value (`--insecure-open`); its env var takes 1/true/yes/on or 0/false/no/off."""
+        env_name = self.env_name(flag)
+        raw = self.env.get(env_name)
+        try:
+            default = parse_bool(raw) if raw not in (None, "") else False
+        except ValueError as exc:
+            self.parser.error(f"{env_name}={raw!r}: {exc}")
+        self.parser.add_argument(flag, action="store_true", default=default, help=f"{help_} (env {env_name})")
+
+
+def add_serving_flags(flags: EnvFlags) -> None:
+    """The flags every service has for logs, metrics and TLS (dataclass fields of the same names)."""
+    flags.add("--log-level", str, "logging level")
+    flags.add("--log-format", str, "log lines as text or JSON (one object per line)", choices=LOG_FORMATS)
+    flags.add("--metrics-port", int, "Prometheus /metrics port (0 = off)")
+    flags.add("--metrics-host", str, "metrics bind address (default: the same as --host)")
+    flags.add("--tls-cert", str, "PEM certificate chain: serve TLS (with --tls-key)")
+    flags.add("--tls-key", str, "PEM private key of --tls-cert")
+    flags.add("--tls-ca", str, "PEM CA bundle: require client certificates it signed (mutual TLS)")
+
+
+def serving_problems(cfg: Any) -> list[str]:
+    """What is wrong with the fields `add_serving_flags` sets (empty when nothing)."""
+    problems = []
+    if not isinstance(logging.getLevelName(str(cfg.log_level).upper()), int):
+        problems.append("--log-level must be a level name (DEBUG, INFO, WARNING, ERROR)")
+    if cfg.log_format not in LOG_FORMATS:
+        problems.append(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+    if not 0 <= cfg.metrics_port <= 65535:
+        problems.append("--metrics-port must be in [0, 65535]")
+    try:
+        server_tls(cfg)
+    except SecurityConfigError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def server_tls(cfg: Any) -> ServerTls | None:
+    return ServerTls.from_flags(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
 
 
 def parse_bool(text: str) -> bool:

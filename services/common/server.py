@@ -1,8 +1,10 @@
 """gRPC server bootstrap shared by the three processes.
 
 Every server gets the standard health service (NOT_SERVING until its model is loaded), server
-reflection, message-size limits, and a graceful stop on SIGTERM/SIGINT: health flips to
-NOT_SERVING, new calls are refused, in-flight calls get `grace_seconds` to finish.
+reflection, message-size limits, TLS (mutual with a client CA) when configured, request ids in its
+logs, RPC metrics on a Prometheus endpoint (with the service's own collectors), and a graceful stop
+on SIGTERM/SIGINT: health flips to NOT_SERVING, new calls are refused, in-flight calls get
+`grace_seconds` to finish and are cancelled after that (a second signal cancels them at once).
 """
 
 from __future__ import annotations
@@ -10,13 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.registry import Collector
+
+from services.common.interceptors import MonitoringInterceptor, RequestIdInterceptor
+from services.common.metrics import ServiceMetrics
+from services.common.security import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,9 @@ class ServerConfig:
     max_receive_message_bytes: int = 64 * MiB
     max_send_message_bytes: int = 16 * MiB
     grace_seconds: float = 30.0
+    tls: ServerTls | None = None  # None = plaintext
+    metrics_port: int = 0  # 0 = no metrics endpoint (the services' own defaults are 9101..9103)
+    metrics_host: str = ""  # "" = the gRPC host
 
     @property
     def address(self) -> str:
@@ -55,20 +65,33 @@ def channel_options(max_receive_bytes: int = 64 * MiB, max_send_bytes: int = 64 
 
 
 class GrpcServer:
+    """`interceptors` run inside the standard ones (request id, then monitoring), e.g. authentication;
+    `collectors` add the service's own state to its metrics."""
+
     def __init__(
         self,
         config: ServerConfig,
         services: Sequence[Service],
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        collectors: Sequence[Collector] = (),
     ):
         self.config = config
         self.services = list(services)
         self.health = HealthServicer()
+        self.metrics = ServiceMetrics(collectors)
+        self.metrics_port: int | None = None
+        standard = [RequestIdInterceptor(), MonitoringInterceptor(self.metrics.rpc)]
         self.server = grpc.aio.server(
-            interceptors=list(interceptors),
+            interceptors=[*standard, *interceptors],
             # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it.
-            options=[*channel_options(config.max_receive_message_bytes, config.max_send_message_bytes),
-                     ("grpc.so_reuseport", 0)],
+            options=[
+                *channel_options(config.max_receive_message_bytes, config.max_send_message_bytes),
+                ("grpc.so_reuseport", 0),
+                # Clients re-resolve DNS only when a connection drops: capping connection age lets
+                # gateways discover replicas an autoscaler added (headless Services, round robin).
+                ("grpc.max_connection_age_ms", 300_000),
+                ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
+            ],
         )
         for svc in self.services:
             svc.add_to_server(svc.servicer, self.server)
@@ -79,12 +102,18 @@ class GrpcServer:
         self.port: int | None = None
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(self.config.address)
+        tls = self.config.tls
+        if tls is None:
+            self.port = self.server.add_insecure_port(self.config.address)
+        else:
+            self.port = self.server.add_secure_port(self.config.address, tls.credentials())
         if not self.port:
             raise RuntimeError(f"could not bind {self.config.address}")
         await self.set_serving(False)
         await self.server.start()
-        log.info("listening on %s:%d", self.config.host, self.port)
+        mode = "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS")
+        log.info("listening on %s:%d (%s)", self.config.host, self.port, mode)
+        self.metrics_port = self.metrics.serve(self.config.metrics_host or self.config.host, self.config.metrics_port)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
@@ -93,9 +122,26 @@ class GrpcServer:
         for name in ["", *(svc.name for svc in self.services)]:
             await self.health.set(name, status)
 
-    async def stop(self) -> None:
+    async def stop(self, *, now: bool = False) -> None:
+        """Refuse new calls; in-flight ones get the grace period (none with `now`), then are cancelled."""
         await self.set_serving(False)
-        await self.server.stop(self.config.grace_seconds)
+        try:
+            await self.server.stop(None if now else self.config.grace_seconds)
+        finally:
+            self.metrics.close()
+
+
+def run_until_exit(main: Coroutine[object, object, None]) -> None:
+    """`asyncio.run(main)`, then ignore SIGTERM/SIGINT while the process exits.
+
+    Once the loop is closed its signal handlers are gone; a repeated SIGTERM (an impatient
+    supervisor) must not turn a drained, clean stop into death by signal.
+    """
+    try:
+        asyncio.run(main)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 async def serve_until_signal(server: GrpcServer, load: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -119,5 +165,11 @@ async def serve_until_signal(server: GrpcServer, load: Callable[[], Awaitable[No
     await server.set_serving(True)
     log.info("serving")
     await stop.wait()
-    log.info("stopping: grace period %.0fs", server.config.grace_seconds)
+    log.info("stopping: new calls refused, in-flight calls get %.0fs (a second signal cancels them now)",
+             server.config.grace_seconds)
+    hurried: set[asyncio.Future] = set()  # referenced until the process ends
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # gRPC's stop() may be called again with a shorter grace: it then ends sooner.
+        loop.add_signal_handler(sig, lambda: hurried.add(asyncio.ensure_future(server.server.stop(0))))
     await server.stop()
+    log.info("stopped")

@@ -1,7 +1,9 @@
 """`python -m services.language_decoder --model DIR|HUB_ID [--port 50053] ...` (see `--help`).
 
 The port opens at once with health NOT_SERVING; it turns SERVING once the model and its KV cache
-are ready. SIGTERM drains in-flight generations for `--grace-seconds`, then cancels the rest.
+are ready. SIGTERM drains in-flight generations for `--grace-seconds`, then cancels the rest (their
+sequences are aborted and their KV blocks freed) and exits 0. Prometheus metrics (`ivl_decoder_*`,
+RPCs) are on `--metrics-port` (default 9103).
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from collections.abc import Sequence
 
 from internvl.v1 import decoder_pb2_grpc
 from services.common.checkpoint import CheckpointError
-from services.common.server import GrpcServer, Service, serve_until_signal
+from services.common.logging import configure_logging
+from services.common.metrics import DecoderCollector
+from services.common.security import SecurityConfigError
+from services.common.server import GrpcServer, Service, run_until_exit, serve_until_signal
 from services.language_decoder.config import DecoderConfig
 from services.language_decoder.servicer import SERVICE_NAME, DecoderRuntime, LanguageDecoderServicer
 
@@ -25,6 +30,7 @@ async def serve(config: DecoderConfig) -> None:
     server = GrpcServer(
         config.server_config(),
         [Service(SERVICE_NAME, decoder_pb2_grpc.add_LanguageDecoderServicer_to_server, servicer)],
+        collectors=[DecoderCollector(lambda: servicer.runtime.engine if servicer.runtime else None)],
     )
 
     async def load() -> None:
@@ -33,7 +39,7 @@ async def serve(config: DecoderConfig) -> None:
     try:
         await serve_until_signal(server, load=load)
     except BaseException:
-        await server.server.stop(grace=None)
+        await server.stop(now=True)
         raise
     finally:
         servicer.close()
@@ -41,18 +47,21 @@ async def serve(config: DecoderConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = DecoderConfig.from_args(argv)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.log_format)
     if config.torch_threads:
         import torch
 
         torch.set_num_threads(config.torch_threads)
     log.info("starting language decoder: %s", config)
     try:
-        asyncio.run(serve(config))
+        run_until_exit(serve(config))
     except KeyboardInterrupt:
         pass
     except CheckpointError as exc:
         log.error("cannot load the model: %s", exc)
+        return 2
+    except SecurityConfigError as exc:
+        log.error("cannot set up TLS: %s", exc)
         return 2
     except Exception:
         log.exception("language decoder stopped on an error")

@@ -7,11 +7,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from services.common.flags import EnvFlags
+from services.common.flags import EnvFlags, add_serving_flags, server_tls, serving_problems
 from services.common.server import MiB, ServerConfig
 
 ENV_PREFIX = "IVL_DECODER_"
 DEFAULT_PORT = 50053
+DEFAULT_METRICS_PORT = 9103
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -36,6 +37,12 @@ class DecoderConfig:
     grace_seconds: float = 30.0
     torch_threads: int = 0
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json
+    metrics_port: int = DEFAULT_METRICS_PORT  # 0 = no metrics endpoint
+    metrics_host: str = ""  # "" = --host
+    tls_cert: str = ""  # with tls_key: serve TLS
+    tls_key: str = ""
+    tls_ca: str = ""  # require client certificates signed by this CA (mutual TLS)
 
     def __post_init__(self) -> None:
         errors = [
@@ -49,16 +56,18 @@ class DecoderConfig:
                 (self.num_kv_blocks >= 0, "--num-kv-blocks must be >= 0"),
                 (self.cpu_kv_cache_mib >= 1, "--cpu-kv-cache-mib must be >= 1"),
                 (self.max_images_per_request >= 1, "--max-images-per-request must be >= 1"),
+                (self.grace_seconds >= 0, "--grace-seconds must be >= 0"),
             ]
             if not ok
-        ]
+        ] + serving_problems(self)
         if errors:
             raise ValueError("; ".join(errors))
 
     def server_config(self) -> ServerConfig:
         # Requests carry image embeddings in chunks of a few MiB; responses are small text deltas.
         return ServerConfig(host=self.host, port=self.port, max_receive_message_bytes=16 * MiB,
-                            grace_seconds=self.grace_seconds)
+                            grace_seconds=self.grace_seconds, tls=server_tls(self),
+                            metrics_port=self.metrics_port, metrics_host=self.metrics_host)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -94,7 +103,7 @@ class DecoderConfig:
         flags.add("--max-image-tiles", int, "tiles accepted in one request, all images together")
         flags.add("--grace-seconds", float, "time in-flight calls get to finish on SIGTERM")
         flags.add("--torch-threads", int, "torch intra-op threads on CPU (0 = torch's default)")
-        flags.add("--log-level", str, "logging level")
+        add_serving_flags(flags)
         args = parser.parse_args(argv)
         try:
             return cls(**vars(args))

@@ -2,7 +2,8 @@
 
 The port opens at once with health NOT_SERVING, so orchestrators see a live process during the
 (possibly minutes-long) model load; health turns SERVING when the model is ready. SIGTERM drains
-in-flight calls for `--grace-seconds`.
+in-flight calls for `--grace-seconds`, then exits 0. Prometheus metrics (`ivl_encoder_*`, RPCs) are
+on `--metrics-port` (default 9102).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from collections.abc import Sequence
 
 from internvl.v1 import vision_pb2_grpc
 from services.common.checkpoint import CheckpointError
-from services.common.server import GrpcServer, Service, serve_until_signal
+from services.common.logging import configure_logging
+from services.common.metrics import EncoderCollector
+from services.common.security import SecurityConfigError
+from services.common.server import GrpcServer, Service, run_until_exit, serve_until_signal
 from services.vision_encoder.config import EncoderConfig
 from services.vision_encoder.servicer import SERVICE_NAME, ModelRuntime, VisionEncoderServicer
 
@@ -26,6 +30,7 @@ async def serve(config: EncoderConfig) -> None:
     server = GrpcServer(
         config.server_config(),
         [Service(SERVICE_NAME, vision_pb2_grpc.add_VisionEncoderServicer_to_server, servicer)],
+        collectors=[EncoderCollector(lambda: servicer.batcher)],
     )
 
     async def load() -> None:
@@ -35,7 +40,7 @@ async def serve(config: EncoderConfig) -> None:
     try:
         await serve_until_signal(server, load=load)
     except BaseException:
-        await server.server.stop(grace=None)  # e.g. the model failed to load: release the port
+        await server.stop(now=True)  # e.g. the model failed to load: release the port
         raise
     finally:
         await servicer.close()
@@ -51,22 +56,21 @@ async def serve(config: EncoderConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = EncoderConfig.from_args(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level, config.log_format)
     if config.torch_threads:
         import torch
 
         torch.set_num_threads(config.torch_threads)
     log.info("starting vision encoder: %s", config)
     try:
-        asyncio.run(serve(config))
+        run_until_exit(serve(config))
     except KeyboardInterrupt:
         pass
     except CheckpointError as exc:  # an operator error: the message says it all
         log.error("cannot load the model: %s", exc)
+        return 2
+    except SecurityConfigError as exc:
+        log.error("cannot set up TLS: %s", exc)
         return 2
     except Exception:
         log.exception("vision encoder stopped on an error")

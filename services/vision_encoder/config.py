@@ -7,17 +7,17 @@ to `IVL_MODEL`, shared with the decoder), so containers configure by env and hum
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from services.common.flags import EnvFlags, add_serving_flags, server_tls, serving_problems
 from services.common.server import MiB, ServerConfig
 from services.common.wire import DEFAULT_CHUNK_BYTES
 
 ENV_PREFIX = "IVL_ENCODER_"
 DEFAULT_PORT = 50052
+DEFAULT_METRICS_PORT = 9102
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 # Headroom for the EncodeResponse envelope around one chunk of bytes.
 _CHUNK_ENVELOPE_BYTES = 1024
@@ -52,6 +52,12 @@ class EncoderConfig:
     preprocess_threads: int = 4
     torch_threads: int = 0  # 0 = torch's default
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json
+    metrics_port: int = DEFAULT_METRICS_PORT  # 0 = no metrics endpoint
+    metrics_host: str = ""  # "" = --host
+    tls_cert: str = ""  # with tls_key: serve TLS
+    tls_key: str = ""
+    tls_ca: str = ""  # require client certificates signed by this CA (mutual TLS)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -78,12 +84,8 @@ class EncoderConfig:
             (self.grace_seconds >= 0, "--grace-seconds must be >= 0"),
             (self.preprocess_threads >= 1, "--preprocess-threads must be >= 1"),
             (self.torch_threads >= 0, "--torch-threads must be >= 0"),
-            (
-                isinstance(logging.getLevelName(self.log_level.upper()), int),
-                "--log-level must be a level name",
-            ),
         ]
-        errors = [msg for ok, msg in checks if not ok]
+        errors = [msg for ok, msg in checks if not ok] + serving_problems(self)
         if errors:
             raise ConfigError("; ".join(errors))
 
@@ -99,27 +101,20 @@ class EncoderConfig:
             max_receive_message_bytes=self.max_request_bytes,
             max_send_message_bytes=self.max_send_bytes,
             grace_seconds=self.grace_seconds,
+            tls=server_tls(self),
+            metrics_port=self.metrics_port,
+            metrics_host=self.metrics_host,
         )
 
     @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> EncoderConfig:
+    def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> EncoderConfig:
         env = os.environ if env is None else env
         parser = argparse.ArgumentParser(
             prog="python -m services.vision_encoder",
             description="InternVL2 vision-encoder gRPC service. Every flag defaults to IVL_ENCODER_<FLAG>.",
         )
-        defaults = cls.__dataclass_fields__
-
-        def add(flag: str, kind: Callable[[str], Any], help_: str, **kw: Any) -> None:
-            dest = flag.removeprefix("--").replace("-", "_")
-            env_name = ENV_PREFIX + dest.upper()
-            raw = env.get(env_name)
-            try:
-                default = kind(raw) if raw not in (None, "") else defaults[dest].default
-            except ValueError as exc:
-                parser.error(f"{env_name}={raw!r}: {exc}")
-            parser.add_argument(flag, type=kind, default=default, help=f"{help_} (env {env_name})", **kw)
-
+        flags = EnvFlags(parser, ENV_PREFIX, cls.__dataclass_fields__, env)
+        add = flags.add
         model_default = env.get(ENV_PREFIX + "MODEL") or env.get("IVL_MODEL") or ""
         parser.add_argument(
             "--model",
@@ -142,7 +137,7 @@ class EncoderConfig:
         add("--grace-seconds", float, "time in-flight calls get to finish on SIGTERM")
         add("--preprocess-threads", int, "threads decoding and tiling images and videos")
         add("--torch-threads", int, "torch intra-op threads on CPU (0 = torch's default)")
-        add("--log-level", str, "logging level")
+        add_serving_flags(flags)
         args = parser.parse_args(argv)
         try:
             return cls(**vars(args))

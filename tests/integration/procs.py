@@ -6,6 +6,9 @@ accept `--port`, and `--host` if `host` is passed), waits until its gRPC health 
 SERVING, and on failure raises with the tail of the process's output (stdout + stderr). `stop()`
 sends SIGTERM (the services drain gracefully), then SIGKILL after a timeout; `final_output` then
 holds the output tail. Use it as a context manager.
+
+Fault tests: `kill()` ends the process with SIGKILL (a crash: no drain), and `start(port=svc.port)`
+brings it back on the same port, so clients holding its address reconnect to the new process.
 """
 
 from __future__ import annotations
@@ -81,9 +84,10 @@ class ServiceProcess:
     def channel(self, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
         return grpc.insecure_channel(self.address, options=list(options))
 
-    def start(self, attempts: int = 3) -> ServiceProcess:
+    def start(self, attempts: int = 3, *, port: int | None = None) -> ServiceProcess:
+        """Spawn and wait until SERVING; on a free port, or on exactly `port` (a restart)."""
         for attempt in range(attempts):
-            self._spawn(free_port(self.host))
+            self._spawn(port or free_port(self.host))
             try:
                 self._wait_serving()
                 return self
@@ -91,9 +95,16 @@ class ServiceProcess:
                 exited = self.proc is not None and self.proc.poll() is not None
                 self.stop()
                 # A port taken between free_port() and the child's bind shows up as an early exit.
-                if not exited or attempt == attempts - 1 or "bind" not in str(exc):
+                # A fixed port is not swapped for another: the caller's clients know only that one.
+                if port or not exited or attempt == attempts - 1 or "bind" not in str(exc):
                     raise
         raise AssertionError("unreachable")
+
+    def kill(self) -> int | None:
+        """SIGKILL at once, like a crash or an OOM kill: nothing is drained. Returns the exit code."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        return self.stop()
 
     def stop(self) -> int | None:
         """SIGTERM, wait, then SIGKILL; returns the exit code (None if it was never started)."""
@@ -134,7 +145,9 @@ class ServiceProcess:
         # A file, not a pipe: a chatty child can never block on a full pipe nobody reads. It lives as
         # long as the process, so no `with`; stop() closes (and deletes) it.
         self._output_file = tempfile.NamedTemporaryFile(prefix=f"{self.module}-", suffix=".log")  # noqa: SIM115
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        # Metrics off unless a test asks: parallel test processes must not race for 9101-9103.
+        metrics_off = {f"IVL_{svc}_METRICS_PORT": "0" for svc in ("ENCODER", "DECODER", "GATEWAY")}
+        env = {**os.environ, **metrics_off, "PYTHONUNBUFFERED": "1", **self.env}
         args = [*self.args, "--port", str(port)]
         if self.host != "127.0.0.1":
             args += ["--host", self.host]

@@ -1,0 +1,636 @@
+"""deploy/ checked offline: Kubernetes overlays, compose file, Dockerfile, health probe, gateway image.
+
+- Every kustomize overlay renders with `kubectl kustomize` (Debian's kubectl 1.20, whose kustomize
+  is v2.0, up to current ones) and every rendered object passes `kubernetes-validate` (strict: no
+  unknown fields) for the oldest Kubernetes the manifests target (1.27: native gRPC probes are GA)
+  and the newest the validator knows.
+- What the schemas cannot see: headless Services behind the gateway's `dns:///` targets, gRPC probes
+  on the right ports, GPU requests that match `--device`, an HPA and a PDB per service, termination
+  grace longer than each process's own `--grace-seconds` (read by the services' real flag parsers
+  from the rendered ConfigMaps), non-root and read-only containers, Secrets never rendered in prod.
+- compose.yaml: GPU pinning (encoder GPU 0, decoder GPU 1), Redis bounded with LRU eviction, the API
+  key from a compose secret file, health checks, start order on health.
+- The gateway image's requirement list is enough for `python -m gateway` with torch & co. absent.
+
+kubectl missing makes these tests fail (never skip); `KUBECTL=/path/to/kubectl` picks another one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from packaging.requirements import Requirement
+
+try:
+    import kubernetes_validate
+except ImportError:  # a collection error that says what to do, not a skip
+    pytest.fail("kubernetes-validate is not installed: `pip install kubernetes-validate` (it is in the dev "
+                "extras: `make setup`)", pytrace=False)
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+KUBERNETES_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
+GPU = "nvidia.com/gpu"
+
+# Each service: its Deployment (and Service, HPA, PDB) name, container name, gRPC port, config module.
+SERVICES = {
+    "encoder": ("internvl-encoder", 50052),
+    "decoder": ("internvl-decoder", 50053),
+    "gateway": ("internvl-gateway", 50051),
+}
+HPA_METRICS = {  # the load signal each side scales on
+    "encoder": {("Pods", "ivl_encoder_queued_tiles")},
+    "decoder": {("Pods", "ivl_decoder_active_sequences"), ("Pods", "ivl_decoder_kv_cache_usage_ratio")},
+    "gateway": {("Resource", "cpu")},
+}
+# Env vars naming files or TLS material are not handed to the parsers here (the files do not exist).
+_FILE_ENV = re.compile(r"_(FILE|TLS_CERT|TLS_KEY|TLS_CA)$")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def kubectl() -> str:
+    path = os.environ.get("KUBECTL") or shutil.which("kubectl") or "/usr/bin/kubectl"
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        pytest.fail(
+            f"kubectl not found (looked at {'KUBECTL=' + path if os.environ.get('KUBECTL') else 'PATH and ' + path}):"
+            " the deploy tests render the kustomize overlays with it. Install it (`make setup` does:"
+            " `apt-get install -y kubernetes-client` on Debian) or set KUBECTL=/path/to/kubectl",
+            pytrace=False,
+        )
+    return path
+
+
+@functools.cache
+def render(overlay: str) -> tuple[dict, ...]:
+    proc = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        pytest.fail(f"`kubectl kustomize deploy/k8s/overlays/{overlay}` failed ({proc.returncode}):\n{proc.stderr}",
+                    pytrace=False)
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def find(objects: tuple[dict, ...], kind: str, name: str | None = None) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objects: tuple[dict, ...], kind: str, name: str) -> dict:
+    found = find(objects, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def main_container(objects: tuple[dict, ...], service: str) -> dict:
+    deployment = one(objects, "Deployment", SERVICES[service][0])
+    containers = {c["name"]: c for c in pod_spec(deployment)["containers"]}
+    assert service in containers, f"{deployment['metadata']['name']} has no container named {service}"
+    return containers[service]
+
+
+def container_env(objects: tuple[dict, ...], container: dict) -> dict[str, Any]:
+    """The container's environment: ConfigMaps from envFrom, then env (a valueFrom stays a dict)."""
+    env: dict[str, Any] = {}
+    for source in container.get("envFrom", []):
+        assert "configMapRef" in source, f"envFrom only from ConfigMaps here, got {source}"
+        env.update(one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for var in container.get("env", []):
+        env[var["name"]] = var.get("value", var.get("valueFrom"))
+    return env
+
+
+def plain_env(env: dict[str, Any]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if isinstance(v, str) and not _FILE_ENV.search(k)}
+
+
+# The services' own flag parsers: settings in the manifests must mean what they say.
+
+
+def config_class(service: str) -> Any:
+    if service == "encoder":
+        from services.vision_encoder.config import EncoderConfig
+
+        return EncoderConfig
+    if service == "decoder":
+        from services.language_decoder.config import DecoderConfig
+
+        return DecoderConfig
+    from gateway.config import GatewayConfig
+
+    return GatewayConfig
+
+
+CONFIG_SOURCES = {
+    "encoder": "services/vision_encoder/config.py",
+    "decoder": "services/language_decoder/config.py",
+    "gateway": "gateway/config.py",
+}
+
+
+def parse_config(service: str, env: dict[str, Any]) -> Any:
+    # The API keys file is left out (it does not exist here), so the gateway is told it is open.
+    argv = ["--insecure-open"] if service == "gateway" else ["--model", env.get("IVL_MODEL", "m")]
+    try:
+        return config_class(service).from_args(argv, env=plain_env(env))
+    except SystemExit:
+        pytest.fail(f"the {service}'s flag parser rejected the manifest's settings {plain_env(env)}", pytrace=False)
+
+
+@functools.cache
+def known_env_names(service: str) -> frozenset[str]:
+    """Env vars the service reads: `(env NAME)` in its --help, and quoted names in its config source."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        config_class(service).from_args(["--help"], env={})
+    text = out.getvalue() + (REPO / CONFIG_SOURCES[service]).read_text()
+    return frozenset(re.findall(r"\b(IVL_[A-Z0-9_]+)\b", text))
+
+
+def redis_bytes(size: str) -> int:
+    """Redis's units: 1k = 1000, 1kb = 1024 (likewise m, mb, g, gb)."""
+    match = re.fullmatch(r"(\d+)(k|kb|m|mb|g|gb)?", size.lower())
+    assert match, f"not a Redis memory size: {size!r}"
+    number, unit = int(match.group(1)), match.group(2) or ""
+    return number * {"": 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}[unit]
+
+
+def kubernetes_bytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", quantity)
+    assert match, f"unexpected memory quantity {quantity!r}"
+    units = {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    return int(match.group(1)) * units[match.group(2) or ""]
+
+
+def grace_seconds(service: str, config: Any) -> float:
+    return config.server.grace_seconds if service == "gateway" else config.grace_seconds
+
+
+def prestop_sleep(container: dict) -> float:
+    command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    return float(command[1]) if command[:1] == ["sleep"] else 0.0
+
+
+# ------------------------------------------------------------------------------------------ kubernetes
+
+
+def test_overlays_present():
+    assert {"dev", "prod", "prod-managed-redis"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates(overlay: str):
+    objects = render(overlay)
+    assert objects, f"{overlay} rendered nothing"
+    errors = []
+    for version in KUBERNETES_VERSIONS:
+        for obj in objects:
+            name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                errors.append(f"{name} (Kubernetes {version}): {exc.message} at {'/'.join(map(str, exc.path))}")
+            except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as exc:
+                errors.append(f"{name} (Kubernetes {version}): no schema: {exc}")
+    assert not errors, "\n".join(errors)
+
+
+def test_validator_rejects_what_it_should():
+    """The schema check is real: an unknown field and a named gRPC probe port are errors."""
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+        "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
+            "metadata": {"labels": {"a": "b"}},
+            "spec": {"containers": [{"name": "c", "image": "i", "readinessProbe": {"grpc": {"port": 1}}}]}}},
+    }
+    kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["imagePullPolcy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+    del container["imagePullPolcy"]
+    container["readinessProbe"]["grpc"]["port"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_balance_client_side(overlay: str):
+    """Encoder and decoder Services are headless; the gateway reaches them as dns:/// names."""
+    objects = render(overlay)
+    gateway_env = container_env(objects, main_container(objects, "gateway"))
+    for service, env_name in (("encoder", "IVL_ENCODER_TARGET"), ("decoder", "IVL_DECODER_TARGET")):
+        name, port = SERVICES[service]
+        svc = one(objects, "Service", name)
+        assert svc["spec"].get("clusterIP") == "None", f"{name} must be headless (clusterIP: None)"
+        assert not svc["spec"].get("publishNotReadyAddresses"), f"{name}: only ready pods may get calls"
+        target = gateway_env.get(env_name, "")
+        match = re.fullmatch(r"dns:///([a-z0-9.-]+):(\d+)", target)
+        assert match, f"gateway {env_name}={target!r} must be dns:///<service>:<port>"
+        host, target_port = match.group(1), int(match.group(2))
+        assert host.split(".")[0] == name, f"{env_name} names {host}, not the headless Service {name}"
+        assert target_port == port and port in [p["port"] for p in svc["spec"]["ports"]]
+    gateway_svc = one(objects, "Service", SERVICES["gateway"][0])
+    assert gateway_svc["spec"].get("clusterIP") != "None", "the gateway's own Service is an ordinary one"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_hpa_pdb_per_service(overlay: str):
+    objects = render(overlay)
+    for service, (name, port) in SERVICES.items():
+        deployment = one(objects, "Deployment", name)
+        container = main_container(objects, service)
+        assert {"containerPort": port, "name": "grpc"} in container["ports"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container.get(probe, {}).get("grpc", {}).get("port") == port, \
+                f"{name}: {probe} must be a native gRPC probe on port {port}"
+        startup = container["startupProbe"]
+        if service != "gateway":  # model load: minutes, more for a Hub download
+            assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, f"{name}: startupProbe too short"
+
+        hpa = one(objects, "HorizontalPodAutoscaler", name)
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        metrics = {(m["type"], m["pods"]["metric"]["name"] if m["type"] == "Pods" else m["resource"]["name"])
+                   for m in hpa["spec"]["metrics"]}
+        assert metrics == HPA_METRICS[service], f"{name}: HPA metrics {metrics}"
+
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        pdbs = [p for p in find(objects, "PodDisruptionBudget")
+                if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(pdbs) == 1, f"{name}: expected one PodDisruptionBudget selecting its pods"
+        pdb = pdbs[0]["spec"]
+        # maxUnavailable, not minAvailable: a single replica must not block node drains forever.
+        assert pdb.get("maxUnavailable") == 1 and "minAvailable" not in pdb
+
+
+def test_hpa_metrics_are_published():
+    """Each Pods metric an HPA reads is a gauge the services export and prometheus-adapter publishes."""
+    values = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    published = {re.match(r"\s*'?([a-z_]+)", rule["seriesQuery"]).group(1) for rule in values["rules"]["custom"]}
+    exported = set(re.findall(r'"(ivl_[a-z_]+)"', (REPO / "services" / "common" / "metrics.py").read_text()))
+    wanted = {name for metrics in HPA_METRICS.values() for kind, name in metrics if kind == "Pods"}
+    assert wanted <= published, f"not published by prometheus-adapter: {sorted(wanted - published)}"
+    assert wanted <= exported, f"not exported by the services: {sorted(wanted - exported)}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpus_match_devices(overlay: str):
+    """A model service asks for one GPU exactly when it runs on CUDA; the gateway never does."""
+    objects = render(overlay)
+    for service in ("encoder", "decoder"):
+        container = main_container(objects, service)
+        config = parse_config(service, container_env(objects, container))
+        resources = container.get("resources", {})
+        gpus = resources.get("limits", {}).get(GPU)
+        assert resources.get("requests", {}).get(GPU, gpus) == gpus, f"{service}: GPU request != limit"
+        if config.device.startswith("cuda"):
+            assert gpus == 1, f"{service} runs on {config.device} but asks for {gpus} GPUs"
+        else:
+            assert gpus is None, f"{service} runs on {config.device} but asks for GPUs"
+        if overlay.startswith("prod"):
+            assert config.device.startswith("cuda") and config.dtype == "bf16"
+    gateway = main_container(objects, "gateway")
+    assert GPU not in str(gateway.get("resources")), "the gateway is torch-free: no GPU"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_settings_parse_and_grace_covers_drain(overlay: str):
+    """The services' own parsers accept every setting; pods get more time than their drain."""
+    objects = render(overlay)
+    for service, (name, _) in SERVICES.items():
+        container = main_container(objects, service)
+        env = container_env(objects, container)
+        unknown = {k for k in env if k.startswith("IVL_")} - known_env_names(service) - {"IVL_MODEL"}
+        assert not unknown, f"{name}: env vars the {service} does not read: {sorted(unknown)}"
+        config = parse_config(service, env)
+        grace = grace_seconds(service, config)
+        grace_vars = [k for k in env if "GRACE" in k]
+        assert grace_vars and float(env[grace_vars[0]]) == grace, \
+            f"{name}: the grace period set in the manifest ({grace_vars}) is not the one the {service} uses"
+        pod = pod_spec(one(objects, "Deployment", name))
+        needed = grace + prestop_sleep(container)
+        assert pod["terminationGracePeriodSeconds"] > needed, \
+            f"{name}: terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} <= preStop + {grace}s"
+    # The decoder and the gateway relay whole generations: their drain is the longest.
+    decoder, gateway = (grace_seconds(s, parse_config(s, container_env(objects, main_container(objects, s))))
+                        for s in ("decoder", "gateway"))
+    assert decoder >= 120 and gateway >= decoder
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_locked_down(overlay: str):
+    objects = render(overlay)
+    for workload in find(objects, "Deployment") + find(objects, "StatefulSet"):
+        name = workload["metadata"]["name"]
+        pod = pod_spec(workload)
+        assert pod["securityContext"].get("runAsNonRoot") is True, name
+        assert pod["securityContext"].get("runAsUser", 0) != 0, name
+        assert pod.get("automountServiceAccountToken") is False, name
+        for c in pod["containers"] + pod.get("initContainers", []):
+            where = f"{name}/{c['name']}"
+            sc = c.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            requests = c.get("resources", {}).get("requests", {})
+            assert "cpu" in requests and "memory" in requests, f"{where}: resource requests"
+            assert "memory" in c.get("resources", {}).get("limits", {}), f"{where}: memory limit"
+        for volume in pod.get("volumes", []):
+            sources = set(volume) - {"name"}
+            assert len(sources) == 1, f"{name}: volume {volume['name']} has sources {sorted(sources)}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_redis_and_secrets(overlay: str):
+    objects = render(overlay)
+    gateway = main_container(objects, "gateway")
+    env = container_env(objects, gateway)
+    url = env.get("IVL_REDIS_URL")
+    assert isinstance(url, dict) and "secretKeyRef" in url, "IVL_REDIS_URL comes from a Secret (it may hold a password)"
+    secret_names = {s["metadata"]["name"] for s in find(objects, "Secret")}
+    redis = find(objects, "StatefulSet", "internvl-redis")
+    if overlay == "prod-managed-redis":
+        assert not redis, "a managed Redis replaces the in-cluster one"
+    else:
+        container = pod_spec(redis[0])["containers"][0]
+        redis_env = container_env(objects, container)
+        args = [re.sub(r"\$\((\w+)\)", lambda m: str(redis_env[m.group(1)]), a) for a in container["args"]]
+        assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru", args
+        assert "--requirepass" in args
+        # Redis needs headroom beyond its data (fragmentation, buffers): stay well under the pod's limit.
+        maxmemory = redis_bytes(args[args.index("--maxmemory") + 1])
+        assert 0 < maxmemory <= 0.8 * kubernetes_bytes(container["resources"]["limits"]["memory"]), args
+        one(objects, "Service", "internvl-redis")
+    # The API keys: a Secret volume, and the gateway's key file inside it.
+    keys_file = env["IVL_GATEWAY_API_KEYS_FILE"]
+    mounts = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(one(objects, "Deployment", "internvl-gateway"))["volumes"]}
+    secret_volumes = [n for n in mounts if "secret" in volumes[n]]
+    assert any(keys_file.startswith(mounts[n].rstrip("/") + "/") for n in secret_volumes), \
+        f"IVL_GATEWAY_API_KEYS_FILE={keys_file} is not in a mounted Secret"
+    if overlay.startswith("prod"):
+        # Real keys are created out of band: an apply must never overwrite them with placeholders.
+        assert not secret_names, f"{overlay} renders Secrets {secret_names}"
+    else:
+        keys_secret = one(objects, "Secret", volumes[secret_volumes[0]]["secret"]["secretName"])
+        assert Path(keys_file).name in keys_secret.get("data", {})
+        assert url["secretKeyRef"]["name"] in secret_names
+
+
+# ------------------------------------------------------------------------------------------ compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def compose_env(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: _default(str(v)) for k, v in env.items()}
+
+
+def _default(value: str) -> str:
+    """`${VAR:-default}` -> default, as compose reads it with VAR unset."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+
+
+def gpu_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def test_compose_pins_gpus(compose: dict):
+    services = compose["services"]
+    for name, device in (("encoder", "0"), ("decoder", "1")):
+        devices = gpu_devices(services[name])
+        assert len(devices) == 1, f"{name}: one GPU reservation"
+        assert devices[0].get("driver") == "nvidia" and "gpu" in devices[0].get("capabilities", [])
+        assert [str(d) for d in devices[0].get("device_ids", [])] == [device], f"{name} pinned to GPU {device}"
+        assert "count" not in devices[0], "count and device_ids exclude each other"
+    for name in ("gateway", "redis"):
+        assert not gpu_devices(services[name])
+
+
+def test_compose_redis_bounded_lru(compose: dict):
+    command = [_default(str(a)) for a in compose["services"]["redis"]["command"]]
+    assert command[0] == "redis-server"
+    assert redis_bytes(command[command.index("--maxmemory") + 1]) > 0
+    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
+
+
+def test_compose_api_key_from_secret_file(compose: dict):
+    gateway = compose["services"]["gateway"]
+    secrets = [s if isinstance(s, str) else s["source"] for s in gateway.get("secrets", [])]
+    assert secrets == ["api_keys"]
+    assert "file" in compose["secrets"]["api_keys"]
+    env = compose_env(gateway)
+    assert env["IVL_GATEWAY_API_KEYS_FILE"] == "/run/secrets/api_keys"
+    assert "IVL_GATEWAY_API_KEYS" not in env and "--insecure-open" not in str(gateway)
+    secrets_dir = DEPLOY / Path(_default(compose["secrets"]["api_keys"]["file"])).parent
+    example = secrets_dir / "api_keys.example"
+    from services.common.security import load_api_keys
+
+    assert load_api_keys(str(example)), "the example key file holds a key in the gateway's format"
+    ignore = (secrets_dir / ".gitignore").read_text().split()
+    assert "*" in ignore, "real key files in deploy/secrets/ must be git-ignored"
+
+
+def test_compose_health_and_start_order(compose: dict):
+    services = compose["services"]
+    for name, service in services.items():
+        check = service.get("healthcheck", {})
+        assert check.get("test") and not check.get("disable"), f"{name}: no healthcheck"
+    for name in ("encoder", "decoder", "gateway"):
+        port = SERVICES[name][1]
+        test = " ".join(services[name]["healthcheck"]["test"])
+        assert "grpc_health_probe.py" in test and f"--port {port}" in test, f"{name}: {test}"
+        assert services[name]["build"]["target"] == name
+    depends = services["gateway"]["depends_on"]
+    assert {k: v["condition"] for k, v in depends.items()} == dict.fromkeys(("redis", "encoder", "decoder"),
+                                                                               "service_healthy")
+
+
+def test_compose_settings(compose: dict):
+    services = compose["services"]
+    gateway_env = compose_env(services["gateway"])
+    for name, target_env in (("encoder", "IVL_ENCODER_TARGET"), ("decoder", "IVL_DECODER_TARGET")):
+        assert gateway_env[target_env] == f"dns:///{name}:{SERVICES[name][1]}"
+    for name in ("encoder", "decoder", "gateway"):
+        env = compose_env(services[name])
+        unknown = {k for k in env if k.startswith("IVL_")} - known_env_names(name) - {"IVL_MODEL"}
+        assert not unknown, f"{name}: env vars the {name} does not read: {sorted(unknown)}"
+        config = parse_config(name, env)
+        if name != "gateway":
+            assert config.device == "cuda" and config.port == SERVICES[name][1]
+        stop = re.fullmatch(r"(\d+)s", services[name]["stop_grace_period"])
+        assert stop and int(stop.group(1)) > grace_seconds(name, config), f"{name}: stop_grace_period"
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+
+
+def dockerfile_stages() -> dict[str, str]:
+    stages: dict[str, str] = {}
+    name = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        match = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            name = match.group(1) or f"stage{len(stages)}"
+            stages[name] = ""
+        elif name:
+            stages[name] += line + "\n"
+    return stages
+
+
+def test_dockerfile_targets():
+    stages = dockerfile_stages()
+    text = DOCKERFILE.read_text()
+    for target in ("encoder", "decoder", "gateway"):
+        assert target in stages, f"no `FROM ... AS {target}` stage"
+        assert "HEALTHCHECK" in stages[target] and "grpc_health_probe.py" in stages[target]
+        assert "ENTRYPOINT" in stages[target]
+    assert re.search(r"^USER 10001", stages["model-runtime"], re.M) and re.search(r"^USER 10001", stages["gateway"],
+                                                                                   re.M)
+    assert "FROM model-runtime AS encoder" in text and "FROM model-runtime AS decoder" in text
+    gateway_build = stages["gateway-build"]
+    assert "--no-deps" in gateway_build and "requirements-gateway.txt" in gateway_build
+    assert "torch" not in stages["gateway"] and "pip install torch" not in gateway_build
+    assert "cuda" in text.split("AS model-build")[0].lower()
+
+
+def test_gateway_requirements_match_pyproject():
+    import tomllib  # Python >= 3.11, like the project's virtualenv
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {Requirement(r).name.lower().replace("_", "-"): str(Requirement(r).specifier)
+                for r in project["dependencies"]}
+    for req in gateway_requirements():
+        name = req.name.lower().replace("_", "-")
+        assert name in declared, f"{req.name} is not a dependency of the package"
+        assert str(req.specifier) == declared[name], f"{req.name}: {req.specifier} != pyproject's {declared[name]}"
+    assert "torch" not in {r.name for r in gateway_requirements()}
+
+
+def gateway_requirements() -> list[Requirement]:
+    lines = (DEPLOY / "docker" / "requirements-gateway.txt").read_text().splitlines()
+    return [Requirement(line) for line in (ln.split("#")[0].strip() for ln in lines) if line]
+
+
+def requirement_closure(names: list[str]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        for spec in importlib.metadata.requires(name) or []:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+_IMPORT_GUARD = """
+import importlib.abc, runpy, sys
+allowed = set(sys.argv[1].split(","))
+dists = __import__("importlib.metadata").metadata.packages_distributions()
+class OnlyGatewayRequirements(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        owners = {d.lower().replace("_", "-") for d in dists.get(top, [])}
+        if owners and not owners & allowed:
+            raise ModuleNotFoundError(f"{top} is not in the gateway image", name=name)
+sys.meta_path.insert(0, OnlyGatewayRequirements())
+import gateway.__main__, gateway.client, gateway.config
+sys.argv = ["gateway", "--help"]
+try:
+    runpy.run_module("gateway", run_name="__main__")
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+assert "torch" not in sys.modules and "numpy" not in sys.modules
+"""
+
+
+def test_gateway_runs_on_its_image_requirements():
+    """`python -m gateway` imports nothing outside requirements-gateway.txt (no torch, numpy, PIL)."""
+    allowed = requirement_closure([r.name for r in gateway_requirements()]) | {"internvl-serving"}
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_GUARD, ",".join(sorted(allowed))], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"the gateway needs more than its image has:\n{proc.stderr[-3000:]}"
+
+
+# ------------------------------------------------------------------------------------------ health probe
+
+
+PROBE = DEPLOY / "docker" / "grpc_health_probe.py"
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[int, health.HealthServicer]]:
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port, servicer
+    finally:
+        server.stop(None)
+
+
+def probe(*args: str) -> int:
+    return subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, timeout=60).returncode
+
+
+def test_health_probe_exit_codes(health_server):
+    port, servicer = health_server
+    states = health_pb2.HealthCheckResponse
+    servicer.set("", states.NOT_SERVING)
+    assert probe("--port", str(port)) == 1
+    servicer.set("", states.SERVING)
+    assert probe("--port", str(port)) == 0
+    assert probe("--addr", f"127.0.0.1:{port}", "--service", "internvl.v1.Nope") == 2  # NOT_FOUND
+    servicer.set("internvl.v1.VisionEncoder", states.SERVING)
+    assert probe("--port", str(port), "--service", "internvl.v1.VisionEncoder") == 0
+    with socket_closed_port() as closed:
+        assert probe("--port", str(closed), "--timeout", "1") == 2
+    assert probe() == 3
+
+
+@contextlib.contextmanager
+def socket_closed_port() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]  # bound, not listening: connections are refused

@@ -1,0 +1,88 @@
+"""What integration tests read from the running services: Prometheus metrics and JSON log lines.
+
+`start_observed` runs a service (tests/integration/procs.py) with a metrics port of its own and
+JSON logs, so tests can scrape it and search its logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.procs import ServiceProcess, free_port
+
+# Generation that outlasts a deadline or a SIGTERM on a model that otherwise answers at once: a
+# decoder with a 2-token step budget spends seconds on the chunked prefill of a ~7000-token prompt.
+SLOW_DECODER_ARGS = ("--max-num-seqs", "2", "--max-num-batched-tokens", "2")
+LONG_TEXT = " ".join(["hello world story"] * 870)
+LONG_TEXT_TOKENS = 6900  # about; the decoder's context is 8192
+
+
+class Metrics:
+    """One scrape of a /metrics endpoint."""
+
+    def __init__(self, text: str):
+        self.samples: dict[tuple[str, frozenset], float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                self.samples[(s.name, frozenset(s.labels.items()))] = s.value
+
+    def get(self, name: str, **labels: str) -> float:
+        """The sample's value, or 0 when absent (a counter nothing has touched yet)."""
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+    def rpc(self, service: str, method: str, code: str) -> float:
+        return self.get("ivl_grpc_requests_total", grpc_service=service, grpc_method=method, grpc_code=code)
+
+
+def scrape(port: int) -> Metrics:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return Metrics(reply.read().decode())
+
+
+def wait_for_metrics(port: int, ok: Callable[[Metrics], bool], timeout_s: float = 15.0) -> Metrics:
+    """Scrape until `ok(metrics)`; the last scrape either way (assert on it for the message)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = scrape(port)
+        if ok(metrics) or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.05)
+
+
+def json_logs(output: str) -> list[dict]:
+    """The JSON log lines of a process's output (other output, e.g. progress bars, is skipped)."""
+    entries = []
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                entries.append(json.loads(line))
+    return entries
+
+
+@dataclass
+class Observed:
+    process: ServiceProcess
+    metrics_port: int
+
+    def metrics(self) -> Metrics:
+        return scrape(self.metrics_port)
+
+    def logs(self) -> str:
+        """Everything the process wrote so far."""
+        return self.process.output_tail(max_bytes=1 << 26)
+
+
+def start_observed(module: str, args: Sequence[str], *, log_level: str = "DEBUG",
+                   process: Callable[[str, list[str]], ServiceProcess] = ServiceProcess) -> Observed:
+    """`process` builds the ServiceProcess (e.g. one that health-checks over TLS)."""
+    port = free_port()
+    proc = process(module, [*args, "--metrics-port", str(port), "--log-format", "json", "--log-level", log_level])
+    return Observed(proc.start(), port)

@@ -1,0 +1,160 @@
+"""API keys, secret redaction, and TLS / mutual TLS on a real in-process server (certificates made here)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.clients import make_channel
+from services.common.security import (
+    ApiKeys,
+    ClientTls,
+    SecurityConfigError,
+    ServerTls,
+    load_api_keys,
+    redact_url,
+)
+from services.common.server import GrpcServer, ServerConfig
+from tests.tls_certs import Pki, make_pki
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+# ---------------------------------------------------------------------------------------- API keys
+
+
+def test_keys_from_file_and_env(tmp_path: Path) -> None:
+    f = tmp_path / "keys"
+    f.write_text("# team A\nkey-a\n\n  key-b  \nkey-a\n")
+    assert load_api_keys(str(f), "key-c, key-d,,") == ("key-a", "key-b", "key-c", "key-d")
+    assert load_api_keys("", "") == ()
+    with pytest.raises(SecurityConfigError, match="cannot read --api-keys-file"):
+        load_api_keys(str(tmp_path / "missing"))
+    with pytest.raises(SecurityConfigError, match="whitespace"):
+        load_api_keys("", "has space")
+
+
+def test_api_keys_check_every_key_and_hide_them() -> None:
+    keys = ApiKeys(["alpha-1", "beta-2"])
+    assert keys.check("alpha-1") and keys.check("beta-2")
+    assert not keys.check("alpha-") and not keys.check("alpha-12") and not keys.check("")
+    assert "alpha" not in repr(keys) and len(keys) == 2
+    with pytest.raises(SecurityConfigError):
+        ApiKeys([])
+
+
+def test_checks_use_constant_time_comparison() -> None:
+    source = (REPO / "services/common/security.py").read_text()
+    assert "hmac.compare_digest" in source
+
+
+def test_redact_url() -> None:
+    assert redact_url("rediss://user:s3cret@cache.internal:6380/0") == "rediss://user:***@cache.internal:6380/0"
+    assert redact_url("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_nothing_is_unpickled() -> None:
+    """No pickle, marshal or torch.load of bytes anyone sends: the wire format is raw tensors."""
+    out = subprocess.run(
+        ["grep", "-rnE", r"\b(pickle|cPickle|marshal|dill|shelve|torch\.load|numpy\.load|np\.load)\b",
+         "--include=*.py", "services", "gateway"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert out.stdout == "", out.stdout
+
+
+# ---------------------------------------------------------------------------------------- TLS settings
+
+
+def test_tls_flags_must_be_complete() -> None:
+    assert ServerTls.from_flags("", "", "") is None
+    assert ServerTls.from_flags("c", "k", "").mutual is False
+    assert ServerTls.from_flags("c", "k", "ca").mutual is True
+    for bad in [("c", "", ""), ("", "k", ""), ("", "", "ca")]:
+        with pytest.raises(SecurityConfigError):
+            ServerTls.from_flags(*bad)
+    assert ClientTls.from_flags("", "", "") is None
+    with pytest.raises(SecurityConfigError):
+        ClientTls.from_flags("ca", "cert", "")
+
+
+def test_unreadable_certificate_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SecurityConfigError, match="cannot read --tls-(cert|key)"):
+        ServerTls(str(tmp_path / "none.crt"), str(tmp_path / "none.key")).credentials()
+
+
+# ---------------------------------------------------------------------------------------- TLS on the wire
+
+
+async def _health(channel: grpc.aio.Channel) -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return reply.status
+
+
+async def _serve(tls: ServerTls) -> GrpcServer:
+    server = GrpcServer(ServerConfig(port=0, tls=tls), [])
+    await server.start()
+    await server.set_serving(True)
+    return server
+
+
+def test_tls_server_with_a_verifying_client(pki: Pki) -> None:
+    async def main():
+        server = await _serve(ServerTls(str(pki.server.cert), str(pki.server.key)))
+        try:
+            target = f"127.0.0.1:{server.port}"
+            async with make_channel(target, credentials=ClientTls(str(pki.ca.cert)).credentials()) as ch:
+                ok = await _health(ch)
+            async with grpc.aio.insecure_channel(target) as ch:  # plaintext to a TLS port
+                with pytest.raises(grpc.aio.AioRpcError) as plain:
+                    await _health(ch)
+            # A client trusting another CA does not accept this server.
+            async with make_channel(target, credentials=ClientTls(str(pki.other_client.cert)).credentials()) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as untrusted:
+                    await _health(ch)
+            return ok, plain.value.code(), untrusted.value.code()
+        finally:
+            await server.stop(now=True)
+
+    ok, plain, untrusted = asyncio.run(main())
+    assert ok == health_pb2.HealthCheckResponse.SERVING
+    assert plain == untrusted == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki: Pki) -> None:
+    async def main():
+        server = await _serve(ServerTls(str(pki.server.cert), str(pki.server.key), str(pki.ca.cert)))
+        try:
+            target = f"127.0.0.1:{server.port}"
+            results = {}
+            for name, tls in {
+                "client cert": ClientTls(str(pki.ca.cert), str(pki.client.cert), str(pki.client.key)),
+                "no cert": ClientTls(str(pki.ca.cert)),
+                "foreign cert": ClientTls(str(pki.ca.cert), str(pki.other_client.cert), str(pki.other_client.key)),
+            }.items():
+                async with make_channel(target, credentials=tls.credentials()) as ch:
+                    try:
+                        results[name] = await _health(ch)
+                    except grpc.aio.AioRpcError as err:
+                        results[name] = err.code()
+            return results
+        finally:
+            await server.stop(now=True)
+
+    results = asyncio.run(main())
+    assert results == {
+        "client cert": health_pb2.HealthCheckResponse.SERVING,
+        "no cert": grpc.StatusCode.UNAVAILABLE,
+        "foreign cert": grpc.StatusCode.UNAVAILABLE,
+    }

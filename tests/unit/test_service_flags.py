@@ -1,0 +1,115 @@
+"""The conventions' and security's flags on all three services: names, env vars, defaults, checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.feature_cache import redis_client
+from services.language_decoder.config import DecoderConfig
+from services.vision_encoder.config import EncoderConfig
+
+SERVICES = [
+    (EncoderConfig, "IVL_ENCODER_", 9102),
+    (DecoderConfig, "IVL_DECODER_", 9103),
+]
+
+
+@pytest.mark.parametrize(("cls", "prefix", "metrics_port"), SERVICES)
+def test_model_services_defaults(cls, prefix: str, metrics_port: int) -> None:
+    cfg = cls.from_args(["--model", "/m"], env={})
+    server = cfg.server_config()
+    assert server.host == "127.0.0.1"  # loopback unless told otherwise
+    assert server.metrics_port == metrics_port and server.tls is None
+    assert (cfg.log_format, cfg.log_level) == ("text", "INFO")
+
+
+@pytest.mark.parametrize(("cls", "prefix", "metrics_port"), SERVICES)
+def test_model_services_env_and_flags(cls, prefix: str, metrics_port: int) -> None:
+    env = {prefix + "METRICS_PORT": "0", prefix + "LOG_FORMAT": "json", prefix + "TLS_CERT": "/c.pem",
+           prefix + "TLS_KEY": "/k.pem"}
+    cfg = cls.from_args(["--model", "/m", "--tls-ca", "/ca.pem", "--metrics-host", "0.0.0.0"], env=env)
+    server = cfg.server_config()
+    assert server.metrics_port == 0 and server.metrics_host == "0.0.0.0" and cfg.log_format == "json"
+    assert (server.tls.cert, server.tls.key, server.tls.ca, server.tls.mutual) == ("/c.pem", "/k.pem", "/ca.pem", True)
+
+
+@pytest.mark.parametrize(("cls", "prefix", "metrics_port"), SERVICES)
+@pytest.mark.parametrize(
+    "argv",
+    [["--tls-cert", "/c.pem"], ["--tls-ca", "/ca.pem"], ["--log-format", "xml"], ["--metrics-port", "70000"],
+     ["--log-level", "LOUD"]],
+)
+def test_model_services_bad_values(cls, prefix, metrics_port, argv, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cls.from_args(["--model", "/m", *argv], env={})
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- gateway
+
+
+def _gateway(argv: list[str], env: dict[str, str] | None = None) -> GatewayConfig:
+    return GatewayConfig.from_args(argv, env=env or {})
+
+
+def test_gateway_refuses_to_start_without_keys_or_insecure_open(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _gateway([])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no API keys" in err and "--api-keys-file" in err and "--insecure-open" in err
+
+
+def test_gateway_insecure_open_by_flag_or_env() -> None:
+    assert _gateway(["--insecure-open"]).insecure_open
+    assert _gateway([], {"IVL_GATEWAY_INSECURE_OPEN": "true"}).insecure_open
+
+
+def test_gateway_keys_from_file_and_env_are_never_shown(tmp_path: Path, capsys) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("file-key-123\n")
+    cfg = _gateway(["--api-keys-file", str(keys)], {"IVL_GATEWAY_API_KEYS": "env-key-456,env-key-789"})
+    assert cfg.api_keys == ("file-key-123", "env-key-456", "env-key-789") and not cfg.insecure_open
+    shown = repr(cfg) + cfg.summary()
+    assert "key-123" not in shown and "key-456" not in shown and "3 API key(s)" in cfg.summary()
+    env_file = _gateway([], {"IVL_GATEWAY_API_KEYS_FILE": str(keys)})
+    assert env_file.api_keys == ("file-key-123",)
+    with pytest.raises(SystemExit):
+        _gateway(["--api-keys-file", str(keys), "--insecure-open"])
+    assert "contradicts" in capsys.readouterr().err
+
+
+def test_gateway_metrics_tls_and_logging_flags() -> None:
+    cfg = _gateway(["--insecure-open"])
+    assert cfg.server.metrics_port == 9101 and cfg.server.tls is None and cfg.peer_tls is None
+    cfg = _gateway(
+        ["--insecure-open", "--tls-cert", "/s.crt", "--tls-key", "/s.key", "--peer-tls-ca", "/ca.crt",
+         "--peer-tls-cert", "/g.crt", "--peer-tls-key", "/g.key", "--log-format", "json", "--grace-seconds", "5"],
+        {"IVL_GATEWAY_METRICS_PORT": "0"},
+    )
+    assert cfg.server.metrics_port == 0 and cfg.server.grace_seconds == 5 and cfg.log_format == "json"
+    assert not cfg.server.tls.mutual and (cfg.peer_tls.ca, cfg.peer_tls.cert, cfg.peer_tls.key) == (
+        "/ca.crt", "/g.crt", "/g.key")
+    assert "tls=on" in cfg.summary() and "peer_tls=mutual" in cfg.summary()
+
+
+@pytest.mark.parametrize("argv", [["--peer-tls-cert", "/g.crt"], ["--tls-key", "/s.key"],
+                                  ["--redis-tls-ca", "/ca.crt"], ["--metrics-port", "-1"]])
+def test_gateway_bad_security_flags(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _gateway(["--insecure-open", *argv])
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_gateway_redis_password_and_tls() -> None:
+    url = "rediss://ivl:p%40ss@cache:6380/2"
+    cfg = _gateway(["--insecure-open", "--redis-url", url, "--redis-tls-ca", "/ca b.crt"])
+    assert "p%40ss" not in cfg.summary() and "ivl:***@cache:6380" in cfg.summary()
+    client = redis_client(cfg.redis_client_url)
+    kwargs = client.connection_pool.connection_kwargs
+    assert client.connection_pool.connection_class.__name__ == "SSLConnection"
+    assert (kwargs["username"], kwargs["password"], kwargs["ssl_ca_certs"], kwargs["db"]) == (
+        "ivl", "p@ss", "/ca b.crt", 2)
