@@ -36,6 +36,10 @@ def make_channel(
         # Re-resolve DNS soon after a replica goes away, and keep idle connections alive.
         ("grpc.dns_min_time_between_resolutions_ms", 5000),
         ("grpc.keepalive_time_ms", 30000),
+        # Reconnect within seconds of a restarted peer (gRPC's default backoff grows to 120 s).
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.min_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     if credentials is not None:
         return grpc.aio.secure_channel(channel_target(target), credentials, options=options)

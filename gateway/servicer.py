@@ -5,12 +5,26 @@ features (cache hit, or one encoder call per new image, single-flight per key), 
 conversation with all image embeddings in placeholder order to a decoder, stream its deltas, and
 store the finished turn before the last message goes out (a client that saw the end can rely on
 the turn being in the session).
+
+Failures, and what the client sees:
+- a request it must fix: INVALID_ARGUMENT, checked here before any image is encoded wherever the
+  gateway can tell (sizes, counts, tiling, placeholders, sampling ranges); what only a peer can
+  tell (an undecodable image, a prompt beyond the decoder's context) comes back from that peer
+  with the peer's message;
+- an unknown or expired session: NOT_FOUND;
+- a peer down: UNAVAILABLE at once (calls fail fast, they never wait for the deadline); the
+  channel reconnects by itself when the peer is back;
+- a peer overloaded: RESOURCE_EXHAUSTED, with the peer's `retry-after-ms` trailing metadata;
+- Redis down or full: one-off chats are served without the feature cache; session calls get
+  UNAVAILABLE (a turn must not be answered from a history the gateway cannot read or extend);
+- anything else: INTERNAL, logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -53,13 +67,25 @@ PEER_CODES_PASSED_THROUGH = {
 }
 
 
-class RequestError(Exception):
-    """Abort the call with this status and message."""
+RETRY_AFTER_KEY = "retry-after-ms"
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+
+class RequestError(Exception):
+    """Abort the call with this status, message and trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.trailing_metadata = trailing_metadata
+
+    async def abort(self, context) -> None:
+        await context.abort(self.code, self.message, trailing_metadata=self.trailing_metadata)
+
+
+def _internal(what: str) -> RequestError:
+    log.exception("%s failed", what)
+    return RequestError(grpc.StatusCode.INTERNAL, f"the gateway failed on this request ({what}); see its logs")
 
 
 @dataclass(frozen=True)
@@ -100,17 +126,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # ------------------------------------------------------------------ RPCs
 
     async def ChatStream(self, request, context) -> AsyncIterator[gateway_pb2.ChatStreamResponse]:
+        error = None
         try:
             async for part in self._chat(request, context):
                 yield part
         except RequestError as err:
-            await context.abort(err.code, err.message)
+            error = err
+        except Exception:
+            error = _internal("ChatStream")
+        if error is not None:  # outside the except blocks: context.abort raises
+            await error.abort(context)
 
     async def Chat(self, request, context) -> gateway_pb2.ChatResponse:
         try:
             return await self._chat_unary(request, context)
         except RequestError as err:
-            await context.abort(err.code, err.message)
+            error = err
+        except Exception:
+            error = _internal("Chat")
+        await error.abort(context)
 
     async def BatchChat(self, request, context) -> gateway_pb2.BatchChatResponse:
         n = len(request.requests)
@@ -121,16 +155,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch requests cannot use sessions")
         tasks = [asyncio.ensure_future(self._chat_unary(r, context)) for r in request.requests]
         try:
-            responses = await asyncio.gather(*tasks)
+            return gateway_pb2.BatchChatResponse(responses=await asyncio.gather(*tasks))
         except RequestError as err:
-            await context.abort(err.code, err.message)
+            error = err
+        except Exception:
+            error = _internal("BatchChat")
         finally:
             for t in tasks:
                 t.cancel()
-        return gateway_pb2.BatchChatResponse(responses=responses)
+        await error.abort(context)
 
     async def CreateSession(self, request, context) -> gateway_pb2.Session:
         system = request.system_message if request.HasField("system_message") else None
+        if system is not None and len(system.encode()) > self.config.max_text_bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"system_message is longer than {self.config.max_text_bytes} bytes")
         try:
             session = await self.sessions.create(system, request.ttl_seconds or None)
         except ValueError as exc:
@@ -140,12 +179,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return _session_proto(session)
 
     async def GetSession(self, request, context) -> gateway_pb2.Session:
+        if not request.session_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
         try:
             return _session_proto(await self._require_session(request.session_id))
         except RequestError as err:
-            await context.abort(err.code, err.message)
+            error = err
+        await error.abort(context)
 
     async def DeleteSession(self, request, context) -> gateway_pb2.DeleteSessionResponse:
+        if not request.session_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
         try:
             deleted = await self.sessions.delete(request.session_id)
         except SessionError as exc:
@@ -392,7 +436,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if len(v.data) > cfg.max_video_bytes:
                 raise RequestError(bad, f"the video is {len(v.data)} bytes; the limit is {cfg.max_video_bytes}")
             if not 0 <= v.num_segments <= 64:
-                raise RequestError(bad, f"num_segments must be in 1..64 (0 = {DEFAULT_VIDEO_SEGMENTS})")
+                raise RequestError(bad, f"num_segments must be in 1..64 (0 = {DEFAULT_VIDEO_SEGMENTS}), "
+                                        f"got {v.num_segments}")
+        problem = _sampling_problem(request.generation)
+        if problem:
+            raise RequestError(bad, problem)
 
     def _timeout(self, context) -> float:
         remaining = context.time_remaining()
@@ -436,10 +484,30 @@ def _combine(features: list[Feature]) -> list[Feature]:
     return [Feature(key, Entry(first.dtype, shape, payload))]
 
 
+def _sampling_problem(p) -> str | None:
+    """The decoder checks these too; checked here as well so a doomed request encodes no image."""
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if p.HasField(name) and not math.isfinite(getattr(p, name)):
+            return f"generation.{name} must be a finite number, got {getattr(p, name)}"
+    if p.max_new_tokens < 0:
+        return f"generation.max_new_tokens must be >= 0 (0 = the server default), got {p.max_new_tokens}"
+    if p.HasField("temperature") and p.temperature < 0:
+        return f"generation.temperature must be >= 0 (0 = greedy), got {p.temperature}"
+    if p.HasField("top_p") and not 0 < p.top_p <= 1:
+        return f"generation.top_p must be in (0, 1], got {p.top_p}"
+    if p.HasField("top_k") and p.top_k < 0:
+        return f"generation.top_k must be >= 0 (0 = off), got {p.top_k}"
+    if p.HasField("repetition_penalty") and p.repetition_penalty <= 0:
+        return f"generation.repetition_penalty must be > 0 (1 = off), got {p.repetition_penalty}"
+    return None
+
+
 def _peer_error(peer: str, err: grpc.aio.AioRpcError) -> RequestError:
     code = err.code()
     if code in PEER_CODES_PASSED_THROUGH:
-        return RequestError(code, f"{peer}: {err.details()}")
+        # Keep the peer's retry hint: the client, not the gateway, decides when to come back.
+        hint = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k == RETRY_AFTER_KEY)
+        return RequestError(code, f"{peer}: {err.details()}", hint)
     return RequestError(grpc.StatusCode.INTERNAL, f"{peer} failed: {code.name}: {err.details()}")
 
 

@@ -4,12 +4,18 @@ The first request message carries the conversation and settings; each image's em
 raw chunks. The prompt is built exactly as upstream `chat()` builds it (template, `<image>`
 expansion), tokenized, and handed to the engine; the engine's text deltas are streamed back as
 upstream's response text (`decode(...).split('<|im_end|>')[0].strip()`).
+
+Status codes: a request the caller must fix (malformed stream, bad shapes, a prompt beyond the
+context, sampling values out of range) is INVALID_ARGUMENT with a message naming what to change,
+checked before any embedding bytes are buffered; a full queue is RESOURCE_EXHAUSTED with a
+`retry-after-ms` hint in the trailing metadata; anything unexpected is logged and INTERNAL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -50,6 +56,11 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["LanguageDecoder"].full_name
 FINISH_REASONS = {"stop": decoder_pb2.FINISH_REASON_STOP, "length": decoder_pb2.FINISH_REASON_LENGTH}
+# A client may retry this soon: the queue drains at decode speed.
+RETRY_AFTER_MS = "1000"
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
 
 
 class BadRequest(ValueError):
@@ -137,10 +148,16 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
 
     async def Generate(self, request_iterator, context) -> AsyncIterator[decoder_pb2.GenerateResponse]:
         rt = await self._runtime(context)
+        failure = None
         try:
             request = await self._read_request(rt, request_iterator)
         except BadRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            failure = (grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:
+            log.exception("reading a Generate request failed")
+            failure = (grpc.StatusCode.INTERNAL, "the decoder failed to read this request; see its logs")
+        if failure is not None:  # outside the except blocks: context.abort raises
+            await context.abort(*failure)
         text = ResponseText()
         try:
             async for out in rt.engine.generate(request):
@@ -167,7 +184,7 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
         except QueueFull as exc:
             # A hint for clients: retrying soon is fine, the queue drains at decode speed.
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decoder overloaded: {exc}",
-                                trailing_metadata=(("retry-after-ms", "1000"),))
+                                trailing_metadata=(("retry-after-ms", RETRY_AFTER_MS),))
         except EngineClosed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decoder is shutting down")
         except RequestFailed as exc:
@@ -221,10 +238,19 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
     def _sampling(self, rt: DecoderRuntime, p: decoder_pb2.SamplingParams) -> SamplingParams:
         stop_ids = (rt.tokenizer.im_end_id, *p.stop_token_ids)  # chat() stops on <|im_end|>
         vocab = rt.model_config.llm.vocab_size
+        if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise BadRequest(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(p.stop_token_ids)}")
         if any(not 0 <= t < vocab for t in p.stop_token_ids):
             raise BadRequest(f"stop_token_ids must be in [0, {vocab})")
-        if p.max_new_tokens < 0:
-            raise BadRequest("max_new_tokens must be >= 0 (0 = the server default)")
+        if len(p.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in p.stop):
+            raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_STRING_CHARS} characters")
+        if not 0 <= p.max_new_tokens <= rt.max_model_len:
+            raise BadRequest(f"max_new_tokens must be in [0, {rt.max_model_len}] (0 = the server default "
+                             f"{self.config.default_max_new_tokens}; the context holds prompt + answer), "
+                             f"got {p.max_new_tokens}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if p.HasField(name) and not math.isfinite(getattr(p, name)):
+                raise BadRequest(f"{name} must be a finite number, got {getattr(p, name)}")
         try:
             return SamplingParams(
                 max_new_tokens=min(p.max_new_tokens or self.config.default_max_new_tokens, rt.max_model_len),
@@ -237,7 +263,7 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
                 stop=tuple(p.stop),
                 seed=p.seed if p.HasField("seed") else None,
             )
-        except ValueError as exc:
+        except ValueError as exc:  # the engine's range checks: temperature >= 0, 0 < top_p <= 1, ...
             raise BadRequest(f"invalid sampling settings: {exc}") from exc
 
     def _check_images(self, rt: DecoderRuntime, setup) -> list[decoder_pb2.ImageDescriptor]:

@@ -11,6 +11,7 @@ quirks included; the parity kit's goldens are the definition of correct.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,14 +176,94 @@ def get_index(
     return np.array([int(start_idx + seg_size / 2 + np.round(seg_size * idx)) for idx in range(num_segments)])
 
 
+class FrameTooLarge(ValueError):
+    """A video's frames are over the pixel cap (or absurdly thin); the message says by how much."""
+
+
+# Beyond this width:height (either way) an image or frame is a strip, not a picture: rejected.
+MAX_ASPECT_RATIO = 200
+
+
+def check_image_size(width: int, height: int, max_pixels: int, what: str) -> str | None:
+    """Why an image (or frame) of this size is refused, or None if it is fine. Needs no pixels."""
+    if width < 1 or height < 1:
+        return f"{what} has no pixels ({width}x{height})"
+    if width * height > max_pixels:
+        return (f"{what} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
+                "downscale it")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"{what} is {width}x{height}, more elongated than {MAX_ASPECT_RATIO}:1; "
+                "crop or pad it to a less extreme aspect ratio")
+    return None
+
+
+def _mp4_boxes(data: bytes | bytearray, start: int, end: int):
+    """(type, body start, box end) of each ISO-BMFF box in data[start:end]; stops at a malformed one."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        header = 8
+        if size == 1:  # 64-bit size
+            if pos + 16 > end:
+                return
+            (size,) = struct.unpack_from(">Q", data, pos + 8)
+            header = 16
+        elif size == 0:  # to the end of the enclosing box
+            size = end - pos
+        if size < header or pos + size > end:
+            return
+        yield kind, pos + header, pos + size
+        pos += size
+
+
+def _mp4_find(data: bytes | bytearray, start: int, end: int, path: tuple[bytes, ...]):
+    """(body start, end) of every box reached by the box-type `path` below data[start:end]."""
+    for kind, body, stop in _mp4_boxes(data, start, end):
+        if kind == path[0]:
+            if len(path) == 1:
+                yield body, stop
+            else:
+                yield from _mp4_find(data, body, stop, path[1:])
+
+
+def declared_video_size(data: bytes | bytearray) -> tuple[int, int] | None:
+    """The largest frame size an MP4/MOV file declares for its video tracks, read without decoding.
+
+    decord reports no frame size short of decoding a frame, so the pixel cap is first checked on the
+    container's own metadata: the width and height of each video track's sample entry (`stsd`, e.g.
+    `avc1`). None when the data is not ISO-BMFF or declares no video track. A file whose container
+    lies is still caught frame by frame as frames are decoded (see `read_video_frames`).
+    """
+    sizes = []
+    for trak, trak_end in _mp4_find(data, 0, len(data), (b"moov", b"trak")):
+        # hdlr: version/flags (4), pre_defined (4), then the handler type ('vide' for video).
+        handlers = [bytes(data[b + 8 : b + 12]) for b, e in _mp4_find(data, trak, trak_end, (b"mdia", b"hdlr"))]
+        if handlers != [b"vide"]:
+            continue
+        for body, stop in _mp4_find(data, trak, trak_end, (b"mdia", b"minf", b"stbl", b"stsd")):
+            # stsd: version/flags (4), entry count (4), then a VisualSampleEntry: size (4), format (4),
+            # reserved (6), data_reference_index (2), pre_defined/reserved (16), width (2), height (2).
+            if body + 8 + 36 <= stop:
+                sizes.append(struct.unpack_from(">HH", data, body + 8 + 32))
+    return max(sizes, key=lambda wh: wh[0] * wh[1]) if sizes else None
+
+
 def read_video_frames(
-    source: bytes | str | Path, bound: tuple[float, float] | None = None, num_segments: int = 32
+    source: bytes | str | Path,
+    bound: tuple[float, float] | None = None,
+    num_segments: int = 32,
+    max_pixels: int | None = None,
 ) -> tuple[np.ndarray, list[Image.Image]]:
     """Decode the frames upstream's ``load_video`` samples: ``(frame_indices, RGB frames)``.
 
     Uses decord like upstream (``ctx=cpu(0)``, one thread, one ``vr[i]`` per frame), so the decoded
     pixels match the reference; other decoders may differ by a level or two in YUV->RGB. Bytes are
     handed to decord as a file-like object, which it reads in memory (no temp file needed).
+
+    With ``max_pixels``, frames over the cap (or over ``MAX_ASPECT_RATIO``) raise FrameTooLarge: checked
+    on the size the container declares before decord opens the file, and again on every decoded frame
+    before the next one is decoded (a stream may lie or change size), so at most one oversized frame
+    is ever decoded.
     """
     from decord import DECORDError, VideoReader, cpu  # heavy native import, only needed for video
 
@@ -191,6 +272,9 @@ def read_video_frames(
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ValueError("empty video input")
+        declared = declared_video_size(source) if max_pixels is not None else None
+        if declared is not None:
+            _check_frame(*declared, max_pixels, "the video's frames (as its container declares them)")
         uri: io.BytesIO | str = io.BytesIO(source)
     else:
         uri = str(source)
@@ -210,10 +294,19 @@ def read_video_frames(
     frames = []
     for idx in indices:
         try:
-            frames.append(Image.fromarray(vr[int(idx)].asnumpy()).convert("RGB"))
+            array = vr[int(idx)].asnumpy()
         except (DECORDError, RuntimeError) as exc:
             raise ValueError(f"cannot decode video frame {int(idx)}: {exc}") from exc
+        if max_pixels is not None:
+            _check_frame(array.shape[1], array.shape[0], max_pixels, f"video frame {int(idx)}")
+        frames.append(Image.fromarray(array).convert("RGB"))
     return indices, frames
+
+
+def _check_frame(width: int, height: int, max_pixels: int, what: str) -> None:
+    problem = check_image_size(width, height, max_pixels, what)
+    if problem is not None:
+        raise FrameTooLarge(problem)
 
 
 def load_video(

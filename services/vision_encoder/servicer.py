@@ -5,8 +5,15 @@ of a request's tiles to the shared `Batcher` at once (so admission is all-or-not
 per output item, an `EmbeddingHeader` followed by `chunk` messages of at most `chunk_bytes`.
 
 Errors the caller can fix are INVALID_ARGUMENT with a message naming the field; a full queue is
-RESOURCE_EXHAUSTED; anything else is logged and answered INTERNAL. No input may take the process
-down: decoding runs under a pixel cap checked from the image header before any pixels are decoded.
+RESOURCE_EXHAUSTED with a `retry-after-ms` hint in the trailing metadata; anything else is logged
+and answered INTERNAL. No input may take the process down:
+- images: only PNG, JPEG (MPO included), WebP, GIF, BMP and TIFF are opened (no plugin that shells out
+  or parses exotic formats); the pixel cap and the aspect-ratio limit are checked on the size the
+  file's header declares, before any pixel is decoded (decompression bombs);
+- animated images (GIF, WebP, APNG, multi-page TIFF) are read as their first frame, exactly as
+  upstream's `Image.open(...).convert('RGB')` does; the other frames are never decoded;
+- videos: the frame size the container declares is checked before decord opens the file, and
+  every decoded frame is checked before the next is decoded.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from internvl.v1 import tensor_pb2, vision_pb2, vision_pb2_grpc
 from services.common.checkpoint import parse_dtype, resolve_model_dir
@@ -34,7 +41,9 @@ from services.vision_encoder.batcher import Batcher, BatcherClosed, ForwardFn, O
 from services.vision_encoder.config import EncoderConfig
 from services.vision_encoder.model import load_vision_encoder
 from services.vision_encoder.preprocess import (
+    FrameTooLarge,
     TilingConfig,
+    check_image_size,
     dynamic_preprocess,
     open_image,
     read_video_frames,
@@ -49,6 +58,12 @@ MAX_TILES_LIMIT = 40
 DEFAULT_VIDEO_MAX_TILES = 1  # upstream load_video(max_num=1): one tile per frame
 # get_index's own defaults for an open bound (seconds).
 _OPEN_START, _OPEN_END = -100000.0, 100000.0
+# Pillow formats accepted (Image.open(formats=...)): the common ones, nothing that shells out (EPS)
+# or drags in rarely exercised parsers. "JPEG" also opens phones' multi-picture JPEGs (MPO).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+IMAGE_FORMAT_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+# Sent with RESOURCE_EXHAUSTED: the queue drains within a few forward passes.
+RETRY_AFTER_MS = "500"
 
 
 class InvalidInput(ValueError):
@@ -113,6 +128,7 @@ class _Abort:
 
     code: grpc.StatusCode
     message: str
+    trailing_metadata: tuple[tuple[str, str], ...] = ()
 
 
 class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
@@ -177,7 +193,7 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
         except (InvalidInput, TooLarge) as exc:
             raise_later = _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Overloaded as exc:
-            raise_later = _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            raise_later = _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), (("retry-after-ms", RETRY_AFTER_MS),))
         except BatcherClosed as exc:
             raise_later = _Abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except Exception:
@@ -187,7 +203,8 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
             raise_later = None
         if raise_later is not None:
             # Outside the except blocks: context.abort raises, and must not be caught above.
-            await context.abort(raise_later.code, raise_later.message)
+            await context.abort(raise_later.code, raise_later.message,
+                                trailing_metadata=raise_later.trailing_metadata)
 
         offset = 0
         for index, item in enumerate(items):
@@ -311,31 +328,28 @@ def _video_bound(video: vision_pb2.VideoInput) -> tuple[float, float] | None:
     return start, end
 
 
-def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
-    if width < 1 or height < 1:
-        raise InvalidInput(f"{what} has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise InvalidInput(
-            f"{what} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
-            "downscale it"
-        )
-
-
 def _decode_image(data: bytes, index: int, tiling: TilingConfig, max_pixels: int) -> torch.Tensor:
     what = f"images[{index}]"
     if not data:
-        raise InvalidInput(f"{what}.data is empty; send the encoded image file bytes (PNG, JPEG, WebP, ...)")
+        raise InvalidInput(f"{what}.data is empty; send the encoded image file bytes ({IMAGE_FORMAT_NAMES})")
     try:
-        # Image.open reads only the header: the pixel cap is enforced before anything is decoded.
-        with Image.open(io.BytesIO(data)) as image:
-            _check_pixels(*image.size, max_pixels, what)
-            rgb = open_image(image)  # the decode; same conversion as upstream load_image
+        # Image.open reads only the header: size limits are enforced before anything is decoded.
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            problem = check_image_size(*image.size, max_pixels, what)
+            if problem is not None:
+                raise InvalidInput(problem)
+            rgb = open_image(image)  # the decode (first frame only); same conversion as upstream load_image
     except InvalidInput:
         raise
+    except UnidentifiedImageError as exc:
+        raise InvalidInput(
+            f"{what} could not be decoded: it is not a {IMAGE_FORMAT_NAMES} image, or its header is damaged"
+        ) from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own cap, hit at open for gigantic headers
+        raise InvalidInput(f"{what} is over the limit of {max_pixels} pixels ({exc}); downscale it") from exc
     except Exception as exc:  # Pillow raises many types on hostile input (OSError, SyntaxError, ...)
         raise InvalidInput(
-            f"{what} could not be decoded as an image ({type(exc).__name__}: {exc}); "
-            "send PNG, JPEG, WebP, ..."
+            f"{what} could not be decoded ({type(exc).__name__}: {exc}); the file is truncated or corrupt"
         ) from exc
     return tiles_to_pixel_values(dynamic_preprocess(rgb, **asdict(tiling)))
 
@@ -344,14 +358,14 @@ def _decode_video(
     data: bytes, bound: tuple[float, float] | None, segments: int, tiling: TilingConfig, max_pixels: int
 ) -> list[_Item]:
     try:
-        indices, frames = read_video_frames(data, bound=bound, num_segments=segments)
+        indices, frames = read_video_frames(data, bound=bound, num_segments=segments, max_pixels=max_pixels)
+    except FrameTooLarge as exc:
+        raise InvalidInput(str(exc)) from exc
     except ValueError as exc:
         raise InvalidInput(
             f"video rejected: {exc} (send an MP4/H.264 or another format ffmpeg reads; bounds are seconds)"
         ) from exc
-    items = []
-    for idx, frame in zip(indices, frames, strict=True):
-        _check_pixels(*frame.size, max_pixels, f"video frame {int(idx)}")
-        tiles = dynamic_preprocess(frame, **asdict(tiling))
-        items.append(_Item(tiles_to_pixel_values(tiles), frame_index=int(idx)))
-    return items
+    return [
+        _Item(tiles_to_pixel_values(dynamic_preprocess(frame, **asdict(tiling))), frame_index=int(idx))
+        for idx, frame in zip(indices, frames, strict=True)
+    ]
