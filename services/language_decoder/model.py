@@ -29,6 +29,7 @@ and it deliberately does not reproduce (b), which makes upstream's output depend
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,21 @@ from services.common.model_config import InternVLConfig, LLMConfig
 
 # SDPA grew native grouped-query attention (`enable_gqa`) in torch 2.5; older builds repeat k/v.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+class KVStore(Protocol):
+    """Where a layer's new keys/values go and what its queries attend to.
+
+    `KVCache` below is the static batch cache of the simple generation loop; the serving engine's paged
+    cache (`services/language_decoder/engine/attention.py`) implements the same method, so the model
+    never sees requests, blocks or slot mappings.
+    """
+
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """Store `k`/`v` [B, H_kv, T, D] for `layer`, return attention output [B, H, T, D] for `q`."""
+        ...
 
 
 class KVCache:
@@ -84,6 +100,12 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def attend(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        k, v = self.update(layer, k, v)
+        return attention(q, k, v, mask, is_causal=is_causal)
 
     def advance(self, n: int) -> None:
         self.seq_len += n
@@ -257,16 +279,17 @@ class Attention(nn.Module):
         sin: Tensor,
         mask: Tensor | None,
         is_causal: bool,
-        kv_cache: KVCache | None,
+        kv_cache: KVStore | None,
         layer_idx: int,
     ) -> Tensor:
         b, t, _ = x.shape
         q, k, v = split_wqkv(self.wqkv(x), self.num_heads, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer_idx, k, v)
-        out = attention(q, k, v, mask, is_causal=is_causal)
+        if kv_cache is None:
+            out = attention(q, k, v, mask, is_causal=is_causal)
+        else:
+            out = kv_cache.attend(layer_idx, q, k, v, mask, is_causal)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -285,7 +308,7 @@ class DecoderLayer(nn.Module):
         sin: Tensor,
         mask: Tensor | None,
         is_causal: bool,
-        kv_cache: KVCache | None,
+        kv_cache: KVStore | None,
         layer_idx: int,
     ) -> Tensor:
         h = h + self.attention(self.attention_norm(h), cos, sin, mask, is_causal, kv_cache, layer_idx)
@@ -308,7 +331,7 @@ class InternLM2Model(nn.Module):
         sin: Tensor,
         mask: Tensor | None,
         is_causal: bool,
-        kv_cache: KVCache | None,
+        kv_cache: KVStore | None,
     ) -> Tensor:
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, is_causal, kv_cache, i)
@@ -392,6 +415,22 @@ class InternLM2ForCausalLM(nn.Module):
             kv_cache.advance(t)
         if last_only:
             h = h[:, -1:]
+        return self.output(h).float()
+
+
+    def forward_flat(
+        self, inputs_embeds: Tensor, cos: Tensor, sin: Tensor, kv: KVStore, logits_indices: Tensor | None
+    ) -> Tensor:
+        """The serving engine's path: tokens of many sequences packed into one row.
+
+        `inputs_embeds` [N, H]; `cos`/`sin` [N, head_dim] (each token's RoPE, computed by the caller
+        because the dynamic-NTK base depends on each token's own sequence); `kv` stores keys/values
+        and knows which tokens attend to which (see `KVStore`). Returns float32 logits for the rows
+        `logits_indices` (all rows when None): [len(logits_indices), V].
+        """
+        h = self.model(inputs_embeds[None], cos[None], sin[None], None, False, kv)[0]
+        if logits_indices is not None:
+            h = h[logits_indices]
         return self.output(h).float()
 
 

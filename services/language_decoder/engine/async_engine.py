@@ -29,7 +29,9 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._new: list[Sequence] = []
         self._aborts: list[str] = []
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> (its sequence, the caller's loop, its queue). Outputs are matched by sequence,
+        # not only by id: an id may be reused while the old sequence's last step is still running.
+        self._streams: dict[str, tuple[Sequence, asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -55,7 +57,7 @@ class AsyncEngine:
                     f"the decoder queue is full ({self.engine.config.max_queue_size} requests waiting)"
                 )
             self._new.append(seq)
-            self._streams[rid] = (loop, queue)
+            self._streams[rid] = (seq, loop, queue)
             self._start_locked()
         self._wake.set()
         done = False
@@ -75,8 +77,10 @@ class AsyncEngine:
         finally:
             if not done:
                 with self._lock:
-                    self._streams.pop(rid, None)
-                    self._aborts.append(rid)
+                    mine = self._streams.get(rid, (None,))[0] is seq
+                    if mine:  # else the engine already finished it (its final output went unread)
+                        del self._streams[rid]
+                        self._aborts.append(rid)
                 self._wake.set()
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -92,7 +96,7 @@ class AsyncEngine:
             self._new.clear()
         for rid in list(self.engine.sequences):
             self.engine.abort(rid)
-        for loop, queue in streams.values():
+        for _, loop, queue in streams.values():
             self._put(loop, queue, EngineClosed("the decoder engine shut down"))
 
     @property
@@ -116,40 +120,43 @@ class AsyncEngine:
                     return
                 new, self._new = self._new, []
                 aborts, self._aborts = self._aborts, []
+            # Aborts first: a request id freed by a cancelled stream may come back at once.
+            for rid in aborts:
+                engine.abort(rid)
             for seq in new:
+                with self._lock:
+                    listening = self._streams.get(seq.request_id, (None,))[0] is seq
+                if not listening:  # cancelled before the engine saw it
+                    continue
                 try:
                     engine.enqueue(seq)
                 except Exception as exc:  # e.g. QueueFull after preemptions refilled the queue
-                    self._deliver_error(seq.request_id, exc)
-            for rid in aborts:
-                engine.abort(rid)
+                    self._deliver(seq, exc)
             if not engine.has_unfinished():
                 self._wake.wait()
                 continue
+            running = dict(engine.sequences)  # who produced each output of this step
             try:
                 outputs = engine.step()
             except Exception as exc:  # a bug outside the model call: fail everything, keep serving
                 log.exception("decoder engine step crashed")
-                for rid in list(engine.sequences):
+                for rid, seq in running.items():
                     engine.abort(rid)
-                    self._deliver_error(rid, RequestFailed(f"{type(exc).__name__}: {exc}"))
+                    self._deliver(seq, RequestFailed(f"{type(exc).__name__}: {exc}"))
                 continue
             for out in outputs:
-                self._deliver(out)
+                self._deliver(running[out.request_id], out)
 
-    def _deliver(self, out: EngineOutput) -> None:
+    def _deliver(self, seq: Sequence, item: EngineOutput | BaseException) -> None:
+        """Hand `item` to the stream of `seq` (if it still listens); a final item closes the stream."""
+        final = not isinstance(item, EngineOutput) or item.finished
         with self._lock:
-            target = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(
-                out.request_id
-            )
-        if target is not None:
-            self._put(*target, out)
-
-    def _deliver_error(self, rid: str, exc: BaseException) -> None:
-        with self._lock:
-            target = self._streams.pop(rid, None)
-        if target is not None:
-            self._put(*target, exc)
+            entry = self._streams.get(seq.request_id)
+            if entry is None or entry[0] is not seq:
+                return
+            if final:
+                del self._streams[seq.request_id]
+        self._put(entry[1], entry[2], item)
 
     @staticmethod
     def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:

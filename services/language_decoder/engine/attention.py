@@ -61,13 +61,18 @@ def slot_table(block_tables: Tensor, num_slots: int, block_size: int) -> Tensor:
     return slots.reshape(block_tables.shape[0], -1)[:, :num_slots]
 
 
+def gather(flat: Tensor, slots: Tensor) -> Tensor:
+    """flat[slots] for a [slots, H_kv, D] cache; index_select is several times faster than indexing."""
+    return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *flat.shape[1:])
+
+
 def sdpa_decode(q: Tensor, k_flat: Tensor, v_flat: Tensor, slots: Tensor, mask: Tensor | None) -> Tensor:
     """q [B, H, D] (one token per sequence) against the keys at `slots` [B, S] -> [B, H, D].
 
     `mask` [B, S] (True = a real key) or None when every row has S keys.
     """
-    k = k_flat[slots].transpose(1, 2)  # [B, H_kv, S, D]
-    v = v_flat[slots].transpose(1, 2)
+    k = gather(k_flat, slots).transpose(1, 2)  # [B, H_kv, S, D]
+    v = gather(v_flat, slots).transpose(1, 2)
     out = attention(q.unsqueeze(2), k, v, None if mask is None else mask[:, None, None, :])
     return out.squeeze(2)
 
@@ -119,8 +124,8 @@ class SdpaAttention:
             if slots is None:
                 parts.append(attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], is_causal=True))
             else:
-                kp = k_flat[slots].transpose(0, 1).unsqueeze(0)
-                vp = v_flat[slots].transpose(0, 1).unsqueeze(0)
+                kp = gather(k_flat, slots).transpose(0, 1).unsqueeze(0)
+                vp = gather(v_flat, slots).transpose(0, 1).unsqueeze(0)
                 parts.append(attention(q[:, :, rows], kp, vp, chunk_mask[None, None]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 

@@ -48,9 +48,16 @@ class _GraphDecodeAttention:
 
 class DecodeGraphs:
     def __init__(
-        self, model: InternLM2ForCausalLM, cache: PagedKVCache, config: EngineConfig, use_flash: bool
+        self,
+        model: InternLM2ForCausalLM,
+        cache: PagedKVCache,
+        config: EngineConfig,
+        use_flash: bool,
+        capture: bool = True,
     ) -> None:
+        # capture=False runs the same padded static-shape body eagerly: how CPU tests check it.
         self.model, self.cache, self.config, self.use_flash = model, cache, config, use_flash
+        self.capture = capture
         self.block_size = config.block_size
         self.max_batch = config.max_num_seqs
         self.batch_buckets = sorted({1, 2, 4, 8, *range(16, self.max_batch + 16, 16)})
@@ -112,15 +119,14 @@ class DecodeGraphs:
         need = max(s.start + 1 for s in decodes)
         ctx = next(x for x in self.ctx_buckets if x >= need)
         key = (batch, ctx)
-        if key not in self.graphs:
+        if self.capture and key not in self.graphs:
             self._fill_padding(0)  # capture runs the body: make every row write to the scratch block
             self.graphs[key] = self._capture(batch, ctx)
         bs = self.block_size
         width = -(-ctx // bs)
-        tables = torch.full((batch, width), self.cache.scratch_block, dtype=torch.long)
-        for i, s in enumerate(decodes):
-            t = s.seq.block_table[:width]
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        scratch = self.cache.scratch_block
+        rows = [s.seq.block_table[:width] for s in decodes] + [[]] * (batch - b)
+        tables = torch.tensor([r + [scratch] * (width - len(r)) for r in rows], dtype=torch.long)
         pos = [s.start for s in decodes]
         host = torch.tensor(
             [
@@ -137,6 +143,8 @@ class DecodeGraphs:
         self.slots[:batch].copy_(host[2])
         self.lens[:batch].copy_(host[3])
         self.tables[:batch, :width].copy_(tables.to(self.tables.device, non_blocking=True))
+        if not self.capture:
+            return self._body(batch, ctx)[:b]
         graph, out = self.graphs[key]
         graph.replay()
         return out[:b]

@@ -24,6 +24,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return gen
 
 
+@torch.inference_mode()
 def sample_next(logits: Tensor, seqs: list[Sequence]) -> list[int]:
     """Next token id for each row of `logits` [B, V] (row i belongs to `seqs[i]`)."""
     if not seqs:

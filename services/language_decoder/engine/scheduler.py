@@ -84,7 +84,9 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq, reserve=self.config.watermark_blocks):
+            # The watermark only protects running decodes: with nothing running, any sequence fits.
+            reserve = self.config.watermark_blocks if self.running else 0
+            if not self.block_manager.can_allocate(seq, reserve=reserve):
                 break
             cached = self.block_manager.allocate(seq)
             seq.num_computed_tokens = cached

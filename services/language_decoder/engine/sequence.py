@@ -51,7 +51,6 @@ class Sequence:
         self.detok: OutputText | None = None
         self._set_images(request)
         self._block_hashes: list[bytes] = []
-        self._prev_tokens: Tensor | None = None  # output ids as a tensor, for the repetition penalty
 
     # ------------------------------------------------------------------ images
 
@@ -118,13 +117,10 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
-        self._prev_tokens = None
 
     def prev_tokens(self, device: torch.device) -> Tensor:
-        """Generated ids [1, n] (what HF's repetition penalty sees), cached between steps."""
-        if self._prev_tokens is None or self._prev_tokens.device != device:
-            self._prev_tokens = torch.tensor([self.output_token_ids], dtype=torch.long, device=device)
-        return self._prev_tokens
+        """Generated ids [1, n]: what HF's repetition penalty sees (upstream generates from embeds)."""
+        return torch.tensor([self.output_token_ids], dtype=torch.long, device=device)
 
     # ------------------------------------------------------------------ blocks
 

@@ -1,0 +1,232 @@
+"""The decoder engine against the parity kit: every chat case, alone and all at once with other traffic.
+
+Prompts are the kit's `input_ids.npy` (batch rows without their left padding), image embeddings come
+from our vision encoder on the kit's tile PNGs, and the expected ids are upstream's `generated_ids`
+up to and including `<|im_end|>`. Batched runs use chunked prefill, prefix reuse and (in one variant)
+a KV cache small enough to force preemptions, so the same greedy ids prove those paths exact.
+Streaming is checked with the kit's real tokenizer: joined text deltas equal the full decode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from services.language_decoder.engine import (
+    EngineConfig,
+    EngineRequest,
+    LLMEngine,
+    SamplingParams,
+    find_image_spans,
+)
+from services.language_decoder.model import InternLM2ForCausalLM, load_language_model
+from services.language_decoder.tokenizer import InternLM2Tokenizer
+from tests.conftest import Kit, load_kit
+
+_KIT = load_kit()
+_CASE_IDS = [c["id"] for c in _KIT.manifest["chat_cases"]]
+
+
+@pytest.fixture(scope="module")
+def lm(kit: Kit) -> InternLM2ForCausalLM:
+    return load_language_model(kit.root, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(kit: Kit) -> InternLM2Tokenizer:
+    return InternLM2Tokenizer.from_dir(kit.root)
+
+
+@pytest.fixture(scope="module")
+def features(kit: Kit):
+    """Image id -> [tiles * 256, hidden] embeddings from our encoder on the kit's tile PNGs."""
+    from services.vision_encoder.model import load_vision_encoder
+
+    encoder = load_vision_encoder(kit.root, device="cpu", dtype=torch.float32)
+    pre = kit.manifest["preprocess"]
+    mean = np.asarray(pre["mean"], dtype=np.float32)
+    std = np.asarray(pre["std"], dtype=np.float32)
+    cache: dict[str, torch.Tensor] = {}
+    for case in kit.manifest["chat_cases"]:
+        for image_id in case["inputs"]["images"]:
+            if image_id in cache:
+                continue
+            tiles = kit.manifest["video"]["tiles"] if image_id == "video" else kit.images[image_id]["tiles"]
+            arr = np.stack([np.asarray(Image.open(kit.path(t)).convert("RGB")) for t in tiles])
+            pixels = (arr.astype(np.float32) / np.float32(255) - mean) / std
+            pixel_values = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+            with torch.inference_mode():
+                feats = encoder.extract_feature(pixel_values).float()
+            cache[image_id] = feats.reshape(-1, feats.shape[-1])
+    return cache
+
+
+def kit_requests(kit: Kit, features: dict[str, torch.Tensor]) -> tuple[list[EngineRequest], dict[str, dict]]:
+    """One request per prompt row of every chat case, and what upstream produced for it."""
+    ctx = kit.manifest["special_token_ids"]["<IMG_CONTEXT>"]
+    requests, expected = [], {}
+    for case in kit.manifest["chat_cases"]:
+        exp, inputs = case["expected"], case["inputs"]
+        eos = inputs["effective_generate_kwargs"]["eos_token_id"]
+        max_new = inputs["effective_generate_kwargs"]["max_new_tokens"]
+        ids, mask = kit.npy(exp["input_ids_file"]), kit.npy(exp["attention_mask_file"])
+        images = inputs["images"]
+        rows = len(ids)
+        # batch_chat: one image per row; chat: every image of the case, in order, in the one row.
+        per_row = [[img] for img in images] if rows > 1 else [images]
+        for b in range(rows):
+            prompt = ids[b][mask[b].astype(bool)].tolist()
+            embeds = torch.cat([features[i] for i in per_row[b]]) if per_row[b] else None
+            spans = find_image_spans(prompt, ctx) if embeds is not None else []
+            gen = exp["generated_ids"][b]
+            rid = f"{case['id']}/{b}"
+            requests.append(
+                EngineRequest(
+                    rid, prompt, SamplingParams(max_new_tokens=max_new, stop_token_ids=(eos,)), embeds, spans
+                )
+            )
+            expected[rid] = {"ids": gen[: gen.index(eos) + 1] if eos in gen else gen,
+                             "response": exp["responses"][b]}
+    return requests, expected
+
+
+def other_traffic(kit: Kit, hidden: int, n: int = 10) -> list[EngineRequest]:
+    """Random prompts (some with random image embeddings, some sampled with a seed)."""
+    gen = torch.Generator().manual_seed(11)
+    ctx = kit.manifest["special_token_ids"]["<IMG_CONTEXT>"]
+    sp_vocab = kit.manifest["model"]["sp_vocab_size"]
+    out = []
+    for i in range(n):
+        prompt = torch.randint(3, sp_vocab - 6, (int(torch.randint(5, 400, (1,), generator=gen)),),
+                               generator=gen).tolist()
+        embeds, spans = None, []
+        if i % 3 == 0:
+            prompt = prompt[:20] + [ctx] * 256 + prompt[20:]
+            embeds, spans = torch.randn(256, hidden, generator=gen), [(20, 276)]
+        sampling = SamplingParams(max_new_tokens=int(torch.randint(1, 160, (1,), generator=gen)),
+                                  do_sample=i % 2 == 1, temperature=0.8, top_p=0.9, seed=i)
+        out.append(EngineRequest(f"noise/{i}", prompt, sampling, embeds, spans))
+    return out
+
+
+def engine(lm, tokenizer, **overrides) -> LLMEngine:
+    cfg = dict(block_size=16, num_kv_blocks=2048, max_num_seqs=32, max_num_batched_tokens=512,
+               max_model_len=4096)
+    return LLMEngine(lm, EngineConfig(**{**cfg, **overrides}), tokenizer=tokenizer)
+
+
+def ids_of(outputs) -> list[int]:
+    return [t for o in outputs for t in o.token_ids]
+
+
+@pytest.fixture(scope="module")
+def alone(kit, lm, tokenizer, features) -> dict[str, list]:
+    """Each kit prompt on its own: an engine without prefix reuse, one request at a time."""
+    requests, _ = kit_requests(kit, features)
+    eng = engine(lm, tokenizer, enable_prefix_caching=False)
+    return {r.request_id: eng.run_until_done([r])[r.request_id] for r in requests}
+
+
+def test_each_case_alone_matches_upstream(kit, features, alone) -> None:
+    _, expected = kit_requests(kit, features)
+    assert {rid.split("/")[0] for rid in expected} == set(_CASE_IDS)
+    for rid, exp in expected.items():
+        assert ids_of(alone[rid]) == exp["ids"], rid
+        # The streamed text is upstream's response before its final strip().
+        assert "".join(o.text for o in alone[rid]).strip() == exp["response"], rid
+
+
+@pytest.mark.parametrize("variant", ["roomy", "tight-kv"])
+def test_all_cases_at_once_with_other_traffic_equal_each_alone(
+    kit, lm, tokenizer, features, alone, variant
+) -> None:
+    requests, expected = kit_requests(kit, features)
+    noise = other_traffic(kit, lm.config.hidden_size)
+    mixed = [x for pair in zip(requests, noise + [None] * len(requests), strict=False) for x in pair if x]
+    # tight-kv: 216 blocks of 16 tokens (3,456, just max_model_len) for prompts of up to 3,390 tokens:
+    # admission waits on memory and running decodes preempt (recompute) each other.
+    tight = {"num_kv_blocks": 216, "max_model_len": 3456}
+    eng = engine(lm, tokenizer, **(tight if variant == "tight-kv" else {}))
+    out = eng.run_until_done(mixed)
+    for rid, exp in expected.items():
+        assert ids_of(out[rid]) == exp["ids"] == ids_of(alone[rid]), rid
+        assert "".join(o.text for o in out[rid]) == "".join(o.text for o in alone[rid]), rid
+    if variant == "tight-kv":
+        assert eng.scheduler.num_preemptions > 0
+    else:  # every kit prompt shares at least the system prompt's blocks with an earlier one
+        assert eng.stats.cached_prompt_tokens > 0
+    seeded = {r.request_id: r for r in noise if r.sampling.do_sample}
+    again = engine(lm, tokenizer).run_until_done(seeded.values())
+    for rid in seeded:
+        assert ids_of(out[rid]) == ids_of(again[rid]), f"seeded {rid} changed with the batch"
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+# --------------------------------------------------------------------------- streaming text
+
+STREAM_TEXTS = [
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL。",
+    "Emoji 😀🎉 and ünïcödé, then a tab\tand\nnew lines , spaces before . punctuation !",
+    "混合 text 与 数字 12345 and 符号 ©®™ — “quotes” 『括号』 …",
+]
+
+
+def scripted_engine(lm, tokenizer, scripts: dict[str, list[int]], **overrides) -> LLMEngine:
+    """An engine whose model 'chooses' each request's scripted token ids (one-hot logits)."""
+    eng = engine(lm, tokenizer, **overrides)
+    execute = eng.runner.execute
+
+    def run(batch):
+        seqs, logits = execute(batch)
+        forced = torch.full_like(logits, -1e4)
+        for i, seq in enumerate(seqs):
+            forced[i, scripts[seq.request_id][seq.num_output_tokens]] = 0.0
+        return seqs, forced
+
+    eng.runner.execute = run
+    return eng
+
+
+def test_streamed_cjk_and_byte_fallback_text_equals_full_decode(kit, lm, tokenizer) -> None:
+    im_end = kit.manifest["special_token_ids"]["<|im_end|>"]
+    scripts = {f"s{i}": tokenizer.encode(t, add_bos=False) + [im_end] for i, t in enumerate(STREAM_TEXTS)}
+    # Byte-fallback pieces are really there (e.g. the emoji): deltas must never split a character.
+    assert any(tokenizer.id_to_token(t).startswith("<0x") for s in scripts.values() for t in s)
+    eng = scripted_engine(lm, tokenizer, scripts)
+    prompts = {rid: [1, 100 + i, 200 + i] for i, rid in enumerate(scripts)}
+    out = eng.run_until_done(
+        EngineRequest(rid, prompts[rid], SamplingParams(max_new_tokens=200, stop_token_ids=(im_end,)))
+        for rid in scripts
+    )
+    for rid, ids in scripts.items():
+        assert ids_of(out[rid]) == ids and out[rid][-1].finish_reason == "stop"
+        full = tokenizer.decode(ids, skip_special_tokens=True)
+        deltas = [o.text for o in out[rid]]
+        assert "".join(deltas) == full
+        assert "\ufffd" not in "".join(deltas)
+
+
+def test_stop_string_on_cjk_text(kit, lm, tokenizer) -> None:
+    ids = tokenizer.encode(STREAM_TEXTS[0], add_bos=False)
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    eng = scripted_engine(lm, tokenizer, {"s": ids})
+    out = eng.run_until_done(
+        [EngineRequest("s", [1, 5, 6], SamplingParams(max_new_tokens=len(ids), stop=("联合",)))]
+    )
+    assert "".join(o.text for o in out["s"]) == full[: full.index("联合")]
+    assert out["s"][-1].finish_reason == "stop" and len(ids_of(out["s"])) < len(ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU path, CUDA graphs)")
+@pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graphs", "eager"])
+def test_gpu_engine_fp32_matches_upstream(kit, tokenizer, features, graphs) -> None:
+    lm_gpu = load_language_model(kit.root, device="cuda", dtype=torch.float32)
+    requests, expected = kit_requests(kit, features)
+    eng = engine(lm_gpu, tokenizer, device="cuda", use_cuda_graphs=graphs)
+    out = eng.run_until_done(requests + other_traffic(kit, lm_gpu.config.hidden_size))
+    for rid, exp in expected.items():
+        assert ids_of(out[rid]) == exp["ids"], rid
+    assert (eng.runner.graphs is not None) == graphs
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
