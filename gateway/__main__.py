@@ -21,7 +21,7 @@ from services.common.interceptors import ApiKeyInterceptor
 from services.common.logging import configure_logging
 from services.common.metrics import FeatureCacheCollector
 from services.common.security import ApiKeys, SecurityConfigError
-from services.common.server import GrpcServer, Service, run_until_exit, serve_until_signal
+from services.common.server import GrpcServer, Service, run_process, serve_until_signal
 
 log = logging.getLogger("gateway")
 
@@ -57,17 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     config = GatewayConfig.from_args(argv)
     configure_logging(config.log_level, config.log_format)
     log.info("starting gateway: %s", config.summary())
-    try:
-        run_until_exit(run(config))
-    except KeyboardInterrupt:
-        pass
-    except SecurityConfigError as exc:
-        log.error("cannot set up TLS: %s", exc)
-        return 2
-    except Exception:
-        log.exception("gateway stopped on an error")
-        return 1
-    return 0
+    return run_process("gateway", run(config), (SecurityConfigError,))
 
 
 if __name__ == "__main__":

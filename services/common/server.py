@@ -144,6 +144,23 @@ def run_until_exit(main: Coroutine[object, object, None]) -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
+def run_process(name: str, main: Coroutine[object, object, None],
+                operator_errors: tuple[type[Exception], ...] = ()) -> int:
+    """A service's exit code: 0 after a clean stop, 2 on an operator error (bad checkpoint, bad
+    certificates: the message says it all), 1 on anything else (logged with its traceback)."""
+    try:
+        run_until_exit(main)
+    except KeyboardInterrupt:
+        pass
+    except operator_errors as exc:
+        log.error("%s cannot start: %s", name, exc)
+        return 2
+    except Exception:
+        log.exception("%s stopped on an error", name)
+        return 1
+    return 0
+
+
 async def serve_until_signal(server: GrpcServer, load: Callable[[], Awaitable[None]] | None = None) -> None:
     """Start, run `load` (model loading) while health says NOT_SERVING, then serve until SIGTERM."""
     stop = asyncio.Event()

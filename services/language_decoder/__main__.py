@@ -18,7 +18,7 @@ from services.common.checkpoint import CheckpointError
 from services.common.logging import configure_logging
 from services.common.metrics import DecoderCollector
 from services.common.security import SecurityConfigError
-from services.common.server import GrpcServer, Service, run_until_exit, serve_until_signal
+from services.common.server import GrpcServer, Service, run_process, serve_until_signal
 from services.language_decoder.config import DecoderConfig
 from services.language_decoder.servicer import SERVICE_NAME, DecoderRuntime, LanguageDecoderServicer
 
@@ -53,20 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(config.torch_threads)
     log.info("starting language decoder: %s", config)
-    try:
-        run_until_exit(serve(config))
-    except KeyboardInterrupt:
-        pass
-    except CheckpointError as exc:
-        log.error("cannot load the model: %s", exc)
-        return 2
-    except SecurityConfigError as exc:
-        log.error("cannot set up TLS: %s", exc)
-        return 2
-    except Exception:
-        log.exception("language decoder stopped on an error")
-        return 1
-    return 0
+    return run_process("language decoder", serve(config), (CheckpointError, SecurityConfigError))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from services.common.checkpoint import CheckpointError
 from services.common.logging import configure_logging
 from services.common.metrics import EncoderCollector
 from services.common.security import SecurityConfigError
-from services.common.server import GrpcServer, Service, run_until_exit, serve_until_signal
+from services.common.server import GrpcServer, Service, run_process, serve_until_signal
 from services.vision_encoder.config import EncoderConfig
 from services.vision_encoder.servicer import SERVICE_NAME, ModelRuntime, VisionEncoderServicer
 
@@ -62,20 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(config.torch_threads)
     log.info("starting vision encoder: %s", config)
-    try:
-        run_until_exit(serve(config))
-    except KeyboardInterrupt:
-        pass
-    except CheckpointError as exc:  # an operator error: the message says it all
-        log.error("cannot load the model: %s", exc)
-        return 2
-    except SecurityConfigError as exc:
-        log.error("cannot set up TLS: %s", exc)
-        return 2
-    except Exception:
-        log.exception("vision encoder stopped on an error")
-        return 1
-    return 0
+    return run_process("vision encoder", serve(config), (CheckpointError, SecurityConfigError))
 
 
 if __name__ == "__main__":
