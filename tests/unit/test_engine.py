@@ -351,3 +351,25 @@ def test_dynamic_ntk_rope_past_the_table_matches_reference() -> None:
     with torch.inference_mode():
         ref = model(model.embed(ids), torch.arange(45)[None])[0, -1]
     torch.testing.assert_close(first_logits["r1"], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_weight_layouts_keep_every_linear_result() -> None:
+    """K-major weights and the oneDNN-prepacked copy change speed, not results (beyond fp32 rounding)."""
+    import torch.nn.functional as F
+
+    from services.language_decoder.engine.runner import kmajor_linear_weights, prepack_linear_weights
+
+    model = tiny_model(seed=3)
+    linears = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    kmajor_linear_weights(model)
+    assert prepack_linear_weights(model)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert torch.equal(module.weight, linears[name]) and not module.weight.is_contiguous()
+            for rows in (1, 2, 16, 300):  # MKL, packed, packed, MKL
+                x = torch.randn(1, rows, module.in_features)
+                torch.testing.assert_close(module(x), F.linear(x, linears[name]), atol=1e-5, rtol=1e-5)
+    assert set(model.state_dict()) == set(tiny_model(seed=3).state_dict())  # nothing added to the checkpoint
+    untouched = tiny_model(seed=3)
+    tiny_engine(untouched, cpu_prepacked_weights=False)
+    assert not any(hasattr(m, "_engine_packed_weight") for m in untouched.modules())
