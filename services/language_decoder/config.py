@@ -14,6 +14,8 @@ ENV_PREFIX = "IVL_DECODER_"
 DEFAULT_PORT = 50053
 DEFAULT_METRICS_PORT = 9103
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+AUTO_ON_OFF = ("auto", "on", "off")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,11 @@ class DecoderConfig:
     num_kv_blocks: int = 0  # 0 = size the cache from memory (GPU: free memory; CPU: --cpu-kv-cache-mib)
     cpu_kv_cache_mib: int = 1024
     gpu_memory_utilization: float = 0.9
+    compile_layers: str = "auto"  # torch.compile the decoder layers: auto (= on CUDA), on, off
+    compile_mode: str = "default"  # torch.compile mode; max-autotune-no-cudagraphs: +7% decode, slow start
+    no_cuda_graphs: bool = False  # GPU decode steps launched kernel by kernel (debugging)
+    no_cpu_prepacked_weights: bool = False  # CPU fp32: no second, oneDNN-prepacked copy of the weights
+    warmup: str = "auto"  # throwaway requests before SERVING (compiles, captures graphs): auto (= on CUDA)
     default_max_new_tokens: int = 1024
     max_images_per_request: int = 64
     max_image_tiles: int = 1024  # all images of one request together
@@ -57,6 +64,9 @@ class DecoderConfig:
                 (self.cpu_kv_cache_mib >= 1, "--cpu-kv-cache-mib must be >= 1"),
                 (self.max_images_per_request >= 1, "--max-images-per-request must be >= 1"),
                 (self.grace_seconds >= 0, "--grace-seconds must be >= 0"),
+                (self.compile_layers in AUTO_ON_OFF, "--compile-layers must be auto, on or off"),
+                (self.warmup in AUTO_ON_OFF, "--warmup must be auto, on or off"),
+                (self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}"),
             ]
             if not ok
         ] + serving_problems(self)
@@ -68,6 +78,16 @@ class DecoderConfig:
         return ServerConfig(host=self.host, port=self.port, max_receive_message_bytes=16 * MiB,
                             grace_seconds=self.grace_seconds, tls=server_tls(self),
                             metrics_port=self.metrics_port, metrics_host=self.metrics_host)
+
+    @staticmethod
+    def _auto(value: str, device: str) -> bool:
+        return value == "on" or (value == "auto" and device.startswith("cuda"))
+
+    def resolved_compile_layers(self, device: str) -> bool:
+        return self._auto(self.compile_layers, device)
+
+    def resolved_warmup(self, device: str) -> bool:
+        return self._auto(self.warmup, device)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -98,6 +118,12 @@ class DecoderConfig:
         flags.add("--num-kv-blocks", int, "KV-cache blocks (0 = from memory)")
         flags.add("--cpu-kv-cache-mib", int, "KV-cache size on CPU when --num-kv-blocks is 0")
         flags.add("--gpu-memory-utilization", float, "fraction of GPU memory for weights + KV cache")
+        flags.add("--compile-layers", str, "torch.compile the decoder layers (auto = on CUDA)", choices=AUTO_ON_OFF)
+        flags.add("--compile-mode", str, "torch.compile mode of the layers", choices=COMPILE_MODES)
+        flags.add_switch("--no-cuda-graphs", "launch GPU decode steps kernel by kernel (no CUDA graphs)")
+        flags.add_switch("--no-cpu-prepacked-weights",
+                         "CPU fp32: keep one copy of the weights (no oneDNN-prepacked copy; slower batches)")
+        flags.add("--warmup", str, "run throwaway requests before serving (auto = on CUDA)", choices=AUTO_ON_OFF)
         flags.add("--default-max-new-tokens", int, "max_new_tokens when a request leaves it 0")
         flags.add("--max-images-per-request", int, "image blocks accepted in one request")
         flags.add("--max-image-tiles", int, "tiles accepted in one request, all images together")

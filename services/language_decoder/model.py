@@ -63,6 +63,19 @@ class KVStore(Protocol):
         ...
 
 
+@torch.compiler.disable
+def kv_attend(
+    kv_cache: KVStore, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
+) -> Tensor:
+    """`kv_cache.attend`, kept out of compiled graphs.
+
+    Stores write into caches that live outside the layer (the engine's is one preallocated tensor of
+    tens of GiB); a compiled layer (see `compile_layers`) breaks its graph here and runs this eagerly,
+    so what is compiled stays pure: the norms, projections, RoPE, residuals and the FFN.
+    """
+    return kv_cache.attend(layer, q, k, v, mask, is_causal)
+
+
 class KVCache:
     """Static per-layer key/value storage for one batch, preallocated for `max_seq_len` slots.
 
@@ -289,7 +302,7 @@ class Attention(nn.Module):
         if kv_cache is None:
             out = attention(q, k, v, mask, is_causal=is_causal)
         else:
-            out = kv_cache.attend(layer_idx, q, k, v, mask, is_causal)
+            out = kv_attend(kv_cache, layer_idx, q, k, v, mask, is_causal)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -432,6 +445,23 @@ class InternLM2ForCausalLM(nn.Module):
         if logits_indices is not None:
             h = h[logits_indices]
         return self.output(h).float()
+
+
+def compile_layers(model: InternLM2ForCausalLM, mode: str = "default") -> None:
+    """torch.compile each decoder layer (regional compilation: one compiled body serves all layers).
+
+    For GPU decode, where a step is dozens of tiny elementwise kernels per layer around the matmuls;
+    Inductor fuses them. Shapes become dynamic after the first new token count, so a few compiles cover
+    every batch. The KV store stays eager (`kv_attend`).
+    """
+    config = torch._dynamo.config
+    # Guards differ per KV store class and mask kind; leave room so no layer falls back to eager.
+    if hasattr(config, "recompile_limit"):
+        config.recompile_limit = max(config.recompile_limit, 64)
+    else:  # torch < 2.6
+        config.cache_size_limit = max(config.cache_size_limit, 64)
+    for layer in model.model.layers:
+        layer.compile(mode=mode)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -97,8 +97,17 @@ class DecoderRuntime:
             max_model_len=config.max_model_len,
             max_queue_size=config.max_queue_size,
             device=device,
+            compile_layers=config.resolved_compile_layers(device),
+            compile_mode=config.compile_mode,
+            use_cuda_graphs=not config.no_cuda_graphs,
+            cpu_prepacked_weights=not config.no_cpu_prepacked_weights,
         )
-        engine = AsyncEngine(LLMEngine(model, engine_config, tokenizer=tokenizer))
+        llm_engine = LLMEngine(model, engine_config, tokenizer=tokenizer)
+        if config.resolved_warmup(device):
+            warm_start = time.monotonic()
+            llm_engine.warm_up()
+            log.info("warm-up (compilation, CUDA graphs) took %.1fs", time.monotonic() - warm_start)
+        engine = AsyncEngine(llm_engine)
         fingerprint = model_fingerprint(root, DTYPE_NAMES[TORCH_TO_WIRE[dtype]])
         log.info("loaded language model from %s on %s in %s (fingerprint %s) in %.1fs",
                  root, device, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], fingerprint, time.monotonic() - started)

@@ -373,3 +373,44 @@ def test_cpu_weight_layouts_keep_every_linear_result() -> None:
     untouched = tiny_model(seed=3)
     tiny_engine(untouched, cpu_prepacked_weights=False)
     assert not any(hasattr(m, "_engine_packed_weight") for m in untouched.modules())
+
+
+def test_compiled_layers_give_the_eager_tokens_on_cpu() -> None:
+    """torch.compile'd layers (the GPU default) break their graph at the KV store and change nothing.
+
+    One layer and few shapes keep Inductor's CPU compile to a few seconds per graph.
+    """
+    eager, compiled = tiny_model(num_hidden_layers=1), tiny_model(num_hidden_layers=1)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [random_prompt(gen, 20, 60) for _ in range(3)]
+    outs = []
+    for m, compile_ in ((eager, False), (compiled, True)):
+        engine = tiny_engine(m, compile_layers=compile_, cpu_prepacked_weights=False)
+        out = engine.run_until_done(request(f"r{i}", p, max_new_tokens=6) for i, p in enumerate(prompts))
+        outs.append([token_ids(out[f"r{i}"]) for i in range(len(prompts))])
+    assert outs[0] == outs[1]
+    assert all(callable(getattr(layer, "_compiled_call_impl", None)) for layer in compiled.model.layers)
+
+
+def test_warm_up_leaves_no_sequences_blocks_or_stats(model) -> None:
+    engine = tiny_engine(model)
+    free = engine.block_manager.num_free_blocks
+    engine.warm_up()
+    assert not engine.has_unfinished() and not engine.sequences
+    assert engine.block_manager.num_free_blocks == free
+    assert engine.stats.steps == 0 and engine.stats.generated_tokens == 0
+    p = random_prompt(torch.Generator().manual_seed(5), 10, 40)
+    out = engine.run_until_done([request("after", p, max_new_tokens=8)])
+    assert token_ids(out["after"]) == reference_greedy(model, p, 8)
+
+
+def test_warm_up_raises_when_a_step_fails(model) -> None:
+    engine = tiny_engine(model)
+
+    def broken(batch):
+        raise RuntimeError("no C compiler")
+
+    engine.runner.execute = broken
+    with pytest.raises(RuntimeError, match="warm-up failed: RuntimeError: no C compiler"):
+        engine.warm_up()
+    assert not engine.sequences and engine.block_manager.num_free_blocks == engine.runner.num_blocks

@@ -1,4 +1,4 @@
-"""GPU-only engine checks (skipped without CUDA): CUDA-graph decode, bf16, KV sized from free memory."""
+"""GPU-only engine checks (skipped without CUDA): CUDA-graph decode, compiled layers, bf16, KV sizing."""
 
 from __future__ import annotations
 
@@ -32,6 +32,17 @@ def test_cuda_graph_decode_matches_cpu_reference_fp32() -> None:
     assert len(eng.runner.graphs.graphs) >= 2
 
 
+def test_compiled_layers_match_eager_layers_fp32() -> None:
+    gen = torch.Generator().manual_seed(2)
+    prompts = [random_prompt(gen, 1, 200) for _ in range(5)]
+    runs = []
+    for compiled in (True, False):
+        eng = gpu_engine(tiny_model().cuda(), compile_layers=compiled)
+        out = eng.run_until_done(request(f"r{i}", p, max_new_tokens=24) for i, p in enumerate(prompts))
+        runs.append([token_ids(out[f"r{i}"]) for i in range(len(prompts))])
+    assert runs[0] == runs[1]
+
+
 def test_bf16_graphs_and_eager_agree() -> None:
     model = tiny_model().to("cuda", torch.bfloat16)
     model.rotary.init_buffers("cuda")  # RoPE frequencies stay fp32, as load_language_model keeps them
@@ -52,3 +63,14 @@ def test_kv_cache_is_sized_from_free_device_memory() -> None:
                      gpu_activation_reserve_bytes=1 << 28)
     assert eng.runner.num_blocks > 1000
     assert eng.runner.kv_cache.storage.device.type == "cuda"
+
+
+def test_warm_up_captures_graphs_and_leaves_outputs_exact() -> None:
+    cpu = tiny_model()
+    eng = gpu_engine(tiny_model().cuda())
+    eng.warm_up()
+    assert {b for b, _ in eng.runner.graphs.graphs} >= {1, 2, 4}
+    assert eng.stats.steps == 0 and not eng.sequences
+    p = random_prompt(torch.Generator().manual_seed(3), 10, 120)
+    out = eng.run_until_done([request("after", p, max_new_tokens=30)])
+    assert token_ids(out["after"]) == reference_greedy(cpu, p, 30)

@@ -113,3 +113,19 @@ def test_gateway_redis_password_and_tls() -> None:
     assert client.connection_pool.connection_class.__name__ == "SSLConnection"
     assert (kwargs["username"], kwargs["password"], kwargs["ssl_ca_certs"], kwargs["db"]) == (
         "ivl", "p@ss", "/ca b.crt", 2)
+
+
+def test_decoder_engine_switches_resolve_per_device() -> None:
+    cfg = DecoderConfig.from_args(["--model", "/m"], env={})
+    assert cfg.resolved_compile_layers("cuda:1") and not cfg.resolved_compile_layers("cpu")
+    assert cfg.resolved_warmup("cuda") and not cfg.resolved_warmup("cpu")
+    env = {"IVL_DECODER_COMPILE_LAYERS": "off", "IVL_DECODER_NO_CUDA_GRAPHS": "1"}
+    cfg = DecoderConfig.from_args(["--model", "/m", "--warmup", "on", "--no-cpu-prepacked-weights"], env=env)
+    assert not cfg.resolved_compile_layers("cuda") and cfg.resolved_warmup("cpu")
+    assert cfg.no_cuda_graphs and cfg.no_cpu_prepacked_weights
+
+
+def test_decoder_rejects_unknown_compile_mode(capsys) -> None:
+    with pytest.raises(SystemExit):
+        DecoderConfig.from_args(["--model", "/m", "--compile-mode", "fastest"], env={})
+    assert "--compile-mode" in capsys.readouterr().err

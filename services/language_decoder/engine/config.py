@@ -32,6 +32,11 @@ class EngineConfig:
     # GPU decode steps replayed from CUDA graphs (ignored on CPU). Needs max_model_len within the RoPE
     # table's plain range (no dynamic-NTK rescaling inside a graph); the runner checks.
     use_cuda_graphs: bool = True
+    # torch.compile each decoder layer (Inductor fuses the norms, RoPE, residuals and SiLU into a few
+    # kernels; the KV store stays eager). None = on CUDA only: the first steps of each new shape compile
+    # (about a minute in all); CPU, the test path, stays eager and exact.
+    compile_layers: bool | None = None
+    compile_mode: str = "default"  # torch.compile mode; "max-autotune-no-cudagraphs" also tunes the matmuls
     watermark_blocks: int = 0  # free blocks kept back at admission so running decodes rarely preempt
     # CPU, fp32: keep a second, oneDNN-prepacked copy of every weight for batched decode matmuls
     # (10-30 % faster at 4-64 sequences; doubles weight memory). See runner.prepack_linear_weights.

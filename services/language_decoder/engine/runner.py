@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from services.language_decoder.model import InternLM2ForCausalLM
+from services.language_decoder.model import InternLM2ForCausalLM, compile_layers
 
 from .attention import FlashAttention, PrefillChunk, SdpaAttention, StepMetadata, flash_available
 from .config import EngineConfig
@@ -40,6 +40,9 @@ class ModelRunner:
             kmajor_linear_weights(model)
             if config.cpu_prepacked_weights and self.dtype == torch.float32:
                 prepack_linear_weights(model)
+        compile_ = config.compile_layers if config.compile_layers is not None else self.device.type == "cuda"
+        if compile_:
+            compile_layers(model, config.compile_mode)
         self.num_blocks = num_kv_blocks(config, llm, self.dtype, self.device)
         self.kv_cache = PagedKVCache(llm, self.num_blocks, config.block_size, self.dtype, self.device)
         self.block_size = config.block_size
