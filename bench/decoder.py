@@ -26,6 +26,7 @@ Results print as a Markdown table and as JSON (`--json PATH` writes the JSON to 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -234,11 +235,80 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def graph_replay_tok_s(runner, iters: int = 100) -> float:
+    """Decode steps/s of the captured batch-1 graph replayed back to back, no host work in between.
+
+    Every input row is first pointed at the scratch block, so the replays write no real sequence's KV.
+    """
+    graphs = runner.graphs
+    key = min(k for k in graphs.graphs if k[0] == 1)
+    graph, _ = graphs.graphs[key]
+    graphs._fill_padding(0)
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        graph.replay()
+    torch.cuda.synchronize()
+    return iters / (time.perf_counter() - t0)
+
+
 def smoke_config() -> LLMConfig:
     """`--smoke`: the GPU mode's code path on CPU with a tiny InternLM2 (checks the script, not speed)."""
     real = internvl2_8b_config().llm
     return LLMConfig(**{**vars(real), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
                         "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1000})
+
+
+def single_stream(engine: LLMEngine, tag: str, n_new: int, seed: int) -> float:
+    """One request alone: decode tokens/s between its first and its last token."""
+    vocab = engine.runner.model.config.vocab_size - 16
+    engine.add_request(EngineRequest(tag, prompts(1, 128, vocab, seed)[0], SamplingParams(max_new_tokens=n_new)))
+    stamps = []
+    while engine.has_unfinished():
+        for _ in engine.step():
+            stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+
+
+def gpu_engine(model: InternLM2ForCausalLM, args: argparse.Namespace, device: str, compile_: bool,
+               num_kv_blocks: int | None = None) -> LLMEngine:
+    cfg = EngineConfig(
+        device=device, block_size=args.block_size, max_num_seqs=64, max_num_batched_tokens=8192,
+        max_model_len=8192, use_cuda_graphs=not args.no_cuda_graphs, compile_layers=compile_,
+        compile_mode=args.compile_mode,
+        num_kv_blocks=1024 if args.smoke else num_kv_blocks,
+    )
+    return LLMEngine(model, cfg)
+
+
+def release(engine: LLMEngine, device: str) -> None:
+    """Drop an engine's KV cache and CUDA graphs before the next one allocates its own."""
+    engine.runner.graphs = None
+    engine.runner.kv_cache = None
+    del engine
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def profile_replays(runner, path: Path | None, steps: int = 5) -> str:
+    """Kernel time per kernel name over a few replays of the batch-1 decode graph (top 20)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = runner.graphs
+    graph, _ = graphs.graphs[min(k for k in graphs.graphs if k[0] == 1)]
+    graphs._fill_padding(0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+    if path is not None:
+        path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=200))
+    return table
 
 
 def bench_gpu(args: argparse.Namespace) -> dict:
@@ -254,33 +324,41 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     bound = bw / read_bytes
     if device == "cuda":
         torch.cuda.empty_cache()
-    cfg = EngineConfig(
-        device=device, block_size=args.block_size, max_num_seqs=64, max_num_batched_tokens=8192,
-        max_model_len=8192, use_cuda_graphs=not args.no_cuda_graphs,
-        **({"num_kv_blocks": 1024} if args.smoke else {}),
-    )
-    engine = LLMEngine(model, cfg)
-    runner = engine.runner
-    print(f"  KV cache: {runner.num_blocks} blocks of {cfg.block_size} ({runner.kv_cache.nbytes / 2**30:.1f} GiB); "
-          f"attention: {'flash-attn' if runner.use_flash else 'sdpa'}; cuda graphs: {runner.graphs is not None}",
+    compile_ = device == "cuda" and not args.no_compile
+
+    # Side by side: the same single stream with eager layers (CUDA graphs still on), before compiling.
+    base = gpu_engine(model, args, device, compile_=False, num_kv_blocks=1024)
+    single_stream(base, "warm-base", args.single_tokens, 1)
+    base_tok_s = single_stream(base, "base", args.single_tokens, 2)
+    base_replay = graph_replay_tok_s(base.runner) if base.runner.graphs is not None else float("nan")
+    print(f"  single stream, layers not compiled: {base_tok_s:.1f} tok/s; graph replay alone {base_replay:.1f}",
           flush=True)
-    vocab = llm.vocab_size - 16
+    release(base, device)
 
-    # Single stream: decode tokens/s between the first and the last token.
-    def single(tag: str, n_new: int, seed: int) -> float:
-        params = SamplingParams(max_new_tokens=n_new)
-        engine.add_request(EngineRequest(tag, prompts(1, 128, vocab, seed)[0], params))
-        stamps = []
-        while engine.has_unfinished():
-            for _ in engine.step():
-                stamps.append(time.perf_counter())
-        return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    t0 = time.perf_counter()
+    engine = gpu_engine(model, args, device, compile_=compile_)
+    runner = engine.runner
+    print(f"  KV cache: {runner.num_blocks} blocks of {args.block_size} ({runner.kv_cache.nbytes / 2**30:.1f} GiB); "
+          f"attention: {'flash-attn' if runner.use_flash else 'sdpa'}; cuda graphs: {runner.graphs is not None}; "
+          f"compiled layers: {compile_}", flush=True)
 
-    single("warm-single", args.single_tokens, 1)  # same lengths: every CUDA graph is captured here
-    single_tok_s = single("single", args.single_tokens, 2)
+    single_stream(engine, "warm-single", args.single_tokens, 1)  # same lengths: every graph is captured here
+    print(f"  first stream (compiles and captures): {time.perf_counter() - t0:.1f} s", flush=True)
+    single_tok_s = single_stream(engine, "single", args.single_tokens, 2)
     print(f"  single stream: {single_tok_s:.1f} tok/s (bound {bound:.1f})", flush=True)
+    # The same stream with every decode step launched eagerly, and the batch-1 graph replayed back to
+    # back (the GPU's own time per step: what is left of the gap is host work between steps).
+    graphs, runner.graphs = runner.graphs, None
+    eager_tok_s = single_stream(engine, "eager-single", min(args.single_tokens, 64), 3)
+    runner.graphs = graphs
+    replay_tok_s = graph_replay_tok_s(runner) if graphs is not None else float("nan")
+    print(f"  eager single stream: {eager_tok_s:.1f} tok/s; batch-1 graph replay alone: {replay_tok_s:.1f} tok/s",
+          flush=True)
+    if args.profile and graphs is not None:
+        print(profile_replays(runner, args.profile), flush=True)
 
     # TTFT: 3,400 prompt tokens, 3,328 of them one image's embeddings (13 tiles x 256).
+    vocab = llm.vocab_size - 16
     ctx_id = llm.vocab_size - 7  # any id: spans say where the image rows go
     n_img = 13 * 256
 
@@ -309,9 +387,11 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     return {"mode": "gpu", "machine": machine(), "params": num_params(model), "weight_bytes": weight_bytes,
             "decode_read_bytes": read_bytes, "copy_bandwidth_bytes_s": bw, "bound_tok_s": bound,
             "single_stream_tok_s": single_tok_s, "single_ratio_to_bound": single_tok_s / bound,
+            "single_stream_eager_tok_s": eager_tok_s, "batch1_graph_replay_tok_s": replay_tok_s,
+            "single_stream_uncompiled_tok_s": base_tok_s, "batch1_graph_replay_uncompiled_tok_s": base_replay,
             "ttft_3400_image_s": ttft_s, "agg64": agg,
             "attention": "flash-attn" if runner.use_flash else "sdpa", "cuda_graphs": runner.graphs is not None,
-            "block_size": cfg.block_size}
+            "compiled_layers": compile_, "compile_mode": args.compile_mode, "block_size": args.block_size}
 
 
 def gpu_table(res: dict) -> str:
@@ -322,6 +402,12 @@ def gpu_table(res: dict) -> str:
         f"| bandwidth bound | {res['bound_tok_s']:.1f} tok/s |",
         f"| single-stream decode | {res['single_stream_tok_s']:.1f} tok/s "
         f"({res['single_ratio_to_bound'] * 100:.0f}% of the bound) |",
+        f"| single-stream decode, steps launched eagerly (no CUDA graphs) | "
+        f"{res['single_stream_eager_tok_s']:.1f} tok/s |",
+        f"| batch-1 graph replayed back to back (GPU time alone) | {res['batch1_graph_replay_tok_s']:.1f} tok/s |",
+        f"| single-stream decode, layers not compiled (CUDA graphs on) | "
+        f"{res['single_stream_uncompiled_tok_s']:.1f} tok/s (replay alone "
+        f"{res['batch1_graph_replay_uncompiled_tok_s']:.1f}) |",
         f"| TTFT, 3,400-token prompt with one image (13 tiles) | {res['ttft_3400_image_s'] * 1e3:.0f} ms |",
         f"| aggregate, 64 streams | {res['agg64']['tok_s']:.0f} tok/s |",
     ])
@@ -342,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--single-tokens", type=int, default=256)
     ap.add_argument("--agg-tokens", type=int, default=128)
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="GPU: decoder layers stay eager")
+    ap.add_argument("--compile-mode", default="default", help="GPU: torch.compile mode of the layers")
+    ap.add_argument("--profile", type=Path, nargs="?", const=Path("/dev/null"), default=None,
+                    help="GPU: print kernel times of the batch-1 decode graph (full table to PATH)")
     ap.add_argument("--smoke", action="store_true", help="with --gpu: run that code path on CPU, tiny model")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)

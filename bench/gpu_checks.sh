@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The decoder's GPU checks in one go (a lent GPU machine's time is short): environment, then
+# bench/decoder.py --gpu (extra arguments go to it), then the CUDA-only tests. Logs and JSON go to
+# $OUT (default ./gpu-checks).
+#   bash bench/gpu_checks.sh [--profile gpu-checks/profile.txt]
+set -u
+OUT=${OUT:-gpu-checks}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  $PY -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>/dev/null || echo "flash_attn: not installed (SDPA path)"
+} 2>&1 | tee "$OUT/env.txt"
+
+timeout "${BENCH_TIMEOUT:-300}" $PY bench/decoder.py --gpu --json "$OUT/decoder-gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
+echo "bench exit: ${PIPESTATUS[0]}"
+
+timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider tests/unit/test_engine_gpu.py \
+  tests/parity/test_engine_parity.py -k "gpu or cuda" 2>&1 | tee "$OUT/tests.log"
+echo "tests exit: ${PIPESTATUS[0]}"
