@@ -33,8 +33,8 @@ class EngineConfig:
     # table's plain range (no dynamic-NTK rescaling inside a graph); the runner checks.
     use_cuda_graphs: bool = True
     # torch.compile each decoder layer (Inductor fuses the norms, RoPE, residuals and SiLU into a few
-    # kernels; the KV store stays eager). None = on CUDA only: the first steps of each new shape compile
-    # (about a minute in all); CPU, the test path, stays eager and exact.
+    # kernels; the KV store stays eager). None = on CUDA only: the first steps of new shapes compile
+    # (about 15 s for InternVL2-8B on an H100; `LLMEngine.warm_up`); CPU, the test path, stays eager.
     compile_layers: bool | None = None
     compile_mode: str = "default"  # torch.compile mode; "max-autotune-no-cudagraphs" also tunes the matmuls
     watermark_blocks: int = 0  # free blocks kept back at admission so running decodes rarely preempt
