@@ -44,8 +44,8 @@ class CountingEncoderClient(EncoderClient):
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     encoder = ServiceProcess("services.vision_encoder", model_args(KIT.root)).start()
-    # The decoder's GPU-default warm-up and its single-copy CPU weights, forced on here: every kit case
-    # the answers below must still equal the kit's goldens after throwaway requests went through the engine.
+    # The decoder's GPU-default warm-up and its single-copy CPU weights, forced on here: the answers
+    # below must still equal the kit's goldens after throwaway requests went through the engine.
     decoder = ServiceProcess("services.language_decoder",
                              [*model_args(KIT.root), "--warmup", "on", "--no-cpu-prepacked-weights"]).start()
     yield encoder, decoder
