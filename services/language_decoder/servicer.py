@@ -105,7 +105,11 @@ class DecoderRuntime:
         llm_engine = LLMEngine(model, engine_config, tokenizer=tokenizer)
         if config.resolved_warmup(device):
             warm_start = time.monotonic()
-            llm_engine.warm_up()
+            try:
+                llm_engine.warm_up()
+            except RuntimeError as exc:
+                hint = " (if torch.compile cannot run here, start with --compile-layers off)"
+                raise RuntimeError(f"{exc}{hint if engine_config.compile_layers else ''}") from exc
             log.info("warm-up (compilation, CUDA graphs) took %.1fs", time.monotonic() - warm_start)
         engine = AsyncEngine(llm_engine)
         fingerprint = model_fingerprint(root, DTYPE_NAMES[TORCH_TO_WIRE[dtype]])

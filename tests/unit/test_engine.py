@@ -414,3 +414,21 @@ def test_warm_up_raises_when_a_step_fails(model) -> None:
     with pytest.raises(RuntimeError, match="warm-up failed: RuntimeError: no C compiler"):
         engine.warm_up()
     assert not engine.sequences and engine.block_manager.num_free_blocks == engine.runner.num_blocks
+
+
+def test_decoder_start_fails_with_a_hint_when_warm_up_fails(monkeypatch) -> None:
+    from services.language_decoder.config import DecoderConfig
+    from services.language_decoder.engine import LLMEngine
+    from services.language_decoder.servicer import DecoderRuntime
+    from tests.conftest import load_kit
+
+    def broken(self, max_batch=3):
+        raise RuntimeError("decoder warm-up failed: BackendCompilerFailed: no C compiler")
+
+    monkeypatch.setattr(LLMEngine, "warm_up", broken)
+    root = str(load_kit().root)
+    with pytest.raises(RuntimeError, match="no C compiler \\(if torch.compile cannot run here, start with "
+                                           "--compile-layers off\\)"):
+        DecoderRuntime.load(DecoderConfig(model=root, device="cpu", warmup="on", compile_layers="on"))
+    with pytest.raises(RuntimeError, match="no C compiler$"):
+        DecoderRuntime.load(DecoderConfig(model=root, device="cpu", warmup="on"))
