@@ -235,15 +235,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def graph_replay_tok_s(runner, iters: int = 100) -> float:
-    """Decode steps/s of the captured batch-1 graph replayed back to back, no host work in between.
-
-    Every input row is first pointed at the scratch block, so the replays write no real sequence's KV.
-    """
+def batch1_graph(runner) -> torch.cuda.CUDAGraph:
+    """The captured batch-1 decode graph (smallest key bucket), with every input row pointed at the
+    scratch block so that replaying it writes no real sequence's KV."""
     graphs = runner.graphs
-    key = min(k for k in graphs.graphs if k[0] == 1)
-    graph, _ = graphs.graphs[key]
+    graph, _ = graphs.graphs[min(k for k in graphs.graphs if k[0] == 1)]
     graphs._fill_padding(0)
+    return graph
+
+
+def graph_replay_tok_s(runner, iters: int = 100) -> float:
+    """Decode steps/s of the batch-1 graph replayed back to back, no host work in between."""
+    graph = batch1_graph(runner)
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()
@@ -297,9 +300,7 @@ def profile_replays(runner, path: Path | None, steps: int = 5) -> str:
     """Kernel time per kernel name over a few replays of the batch-1 decode graph (top 20)."""
     from torch.profiler import ProfilerActivity, profile
 
-    graphs = runner.graphs
-    graph, _ = graphs.graphs[min(k for k in graphs.graphs if k[0] == 1)]
-    graphs._fill_padding(0)
+    graph = batch1_graph(runner)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
