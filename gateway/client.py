@@ -16,7 +16,7 @@ A gateway that requires API keys gets one from `IVL_API_KEY` or `--api-key-file`
 
 The session id, when one is used, goes to stderr as `session: ID`, so stdout holds only the
 answer. On a gRPC error it prints `internvl-client: CODE: message` to stderr and exits 1 (2 for
-bad arguments or unreadable files, 130 on Ctrl-C).
+bad arguments or unreadable files, 130 on Ctrl-C: the convention of services/common/cli.py).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
 
 from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc, vision_pb2
+from services.common.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, fail, read_file
 
 PROG = "internvl-client"
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -41,15 +41,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * _MiB),
     ("grpc.max_receive_message_length", 64 * _MiB),
 ]
-
-EXIT_RPC_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-
-class UsageError(Exception):
-    """Bad arguments or an unreadable input file (exit 2)."""
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -111,13 +102,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-
-
 def sampling_params(args: argparse.Namespace) -> decoder_pb2.SamplingParams:
     params = decoder_pb2.SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.sample, stop=args.stop)
     # Unset optionals keep the server's (upstream's) defaults.
@@ -131,9 +115,9 @@ def sampling_params(args: argparse.Namespace) -> decoder_pb2.SamplingParams:
 def build_request(args: argparse.Namespace, question: str, session_id: str = "") -> gateway_pb2.ChatRequest:
     request = gateway_pb2.ChatRequest(session_id=session_id, text=question, generation=sampling_params(args))
     for path in args.image:
-        request.images.add(data=_read(path, "image"))
+        request.images.add(data=read_file(path, "image"))
     if args.video:
-        request.video.CopyFrom(vision_pb2.VideoInput(data=_read(args.video, "video"), num_segments=args.frames))
+        request.video.CopyFrom(vision_pb2.VideoInput(data=read_file(args.video, "video"), num_segments=args.frames))
     if args.combine:
         request.image_layout = gateway_pb2.IMAGE_LAYOUT_COMBINED
     if args.max_tiles:
@@ -143,7 +127,7 @@ def build_request(args: argparse.Namespace, question: str, session_id: str = "")
 
 def api_key(args: argparse.Namespace) -> str:
     if args.api_key_file:
-        text = _read(args.api_key_file, "API key file").decode("utf-8", errors="replace")
+        text = read_file(args.api_key_file, "API key file").decode("utf-8", errors="replace")
         keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         if not keys:
             raise UsageError(f"no API key in {args.api_key_file}")
@@ -155,9 +139,9 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
     if not (args.tls or args.tls_ca or args.tls_cert):
         return grpc.insecure_channel(args.target, options=CHANNEL_OPTIONS)
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(args.tls_ca, "CA certificate") if args.tls_ca else None,
-        private_key=_read(args.tls_key, "client key") if args.tls_key else None,
-        certificate_chain=_read(args.tls_cert, "client certificate") if args.tls_cert else None,
+        root_certificates=read_file(args.tls_ca, "CA certificate") if args.tls_ca else None,
+        private_key=read_file(args.tls_key, "client key") if args.tls_key else None,
+        certificate_chain=read_file(args.tls_cert, "client certificate") if args.tls_cert else None,
     )
     return grpc.secure_channel(args.target, credentials, options=CHANNEL_OPTIONS)
 
@@ -166,11 +150,6 @@ def _question(args: argparse.Namespace) -> str:
     if args.question == "-":
         return sys.stdin.read()
     return args.question
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return code
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except UsageError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return fail(PROG, str(exc), EXIT_USAGE)
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -230,9 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = ""
         if code == grpc.StatusCode.UNAUTHENTICATED:
             hint = f"; give the gateway's API key in {API_KEY_ENV} or with --api-key-file"
-        return _fail(f"{name}: {details} (target {args.target}){hint}", EXIT_RPC_ERROR)
+        return fail(PROG, f"{name}: {details} (target {args.target}){hint}", EXIT_FAILURE)
     except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
+        return fail(PROG, "interrupted", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ PROG = "internvl-chat"
 CONTEXT_TOKENS = DecoderConfig.max_model_len
 MAX_FRAMES = EncoderConfig.max_video_segments
 DEFAULT_FRAMES = EncoderConfig.default_video_segments
-DEFAULT_MAX_TILES = 12  # upstream load_image(max_num=12)
 
 
 def finite_float(text: str) -> float:
@@ -72,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument("--video", metavar="FILE", help="video file (frames sampled with decord)")
     media.add_argument("--frames", type=int, metavar="N",
                        help=f"video frames to sample (1..{MAX_FRAMES}, default {DEFAULT_FRAMES})")
-    media.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, metavar="N",
-                       help=f"448 px tiles per image (1..{MAX_TILES_LIMIT}, default {DEFAULT_MAX_TILES})")
+    media.add_argument("--max-tiles", type=int, metavar="N",
+                       help=f"448 px tiles per image (1..{MAX_TILES_LIMIT}; default: the checkpoint's "
+                            "max_dynamic_patch, 12 for InternVL2)")
     placement = p.add_argument_group("model placement")
     placement.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                            help="cpu, cuda or cuda:N (default: cuda when there is one)")
@@ -110,7 +110,7 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         return "--frames needs --video"
     if args.frames is not None and not 1 <= args.frames <= MAX_FRAMES:
         return f"--frames must be in [1, {MAX_FRAMES}], got {args.frames}"
-    if not 1 <= args.max_tiles <= MAX_TILES_LIMIT:
+    if args.max_tiles is not None and not 1 <= args.max_tiles <= MAX_TILES_LIMIT:
         return f"--max-tiles must be in [1, {MAX_TILES_LIMIT}], got {args.max_tiles}"
     if not 1 <= args.max_new_tokens <= CONTEXT_TOKENS:
         return (f"--max-new-tokens must be in [1, {CONTEXT_TOKENS}] (prompt and answer share {CONTEXT_TOKENS} "
@@ -198,12 +198,13 @@ class Inputs:
     num_patches_list: list[int] | None = None  # tiles per <image> block
 
 
-def read_inputs(args: argparse.Namespace) -> Inputs:
+def read_inputs(args: argparse.Namespace, config: InternVLConfig) -> Inputs:
     if args.video:
         return read_video(args.video, args.question, args.frames or DEFAULT_FRAMES, args.verbose)
     if not args.image:
         return Inputs(args.question)
-    tiles = [read_image(path, args.max_tiles) for path in args.image]
+    # The encoder service's default too.
+    tiles = [read_image(path, args.max_tiles or config.max_dynamic_patch) for path in args.image]
     pixel_values = torch.cat(tiles)
     if len(tiles) == 1 or args.combine:
         return Inputs(args.question, pixel_values, [pixel_values.shape[0]])
@@ -291,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = generation_settings(args)
     checkpoint = open_checkpoint(args.model)
-    inputs = read_inputs(args)
+    inputs = read_inputs(args, checkpoint.config)
     prompt_len = prompt_tokens(checkpoint, inputs)
     # As the decoder service does, the answer stops where the context ends.
     settings = replace(settings, max_new_tokens=min(settings.max_new_tokens, CONTEXT_TOKENS - prompt_len))
@@ -304,7 +305,9 @@ def run(args: argparse.Namespace) -> int:
         print(response, flush=True)
     except OSError as exc:
         # What is still buffered must not fail again at exit (Python would print it and exit 120).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return _report(args, f"cannot write the answer to stdout: {exc.strerror or exc}", EXIT_FAILURE)
     return EXIT_OK
 
