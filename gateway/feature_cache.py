@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.redis_connect import redis_client as redis_client  # re-exported: callers build clients here
 from internvl.v1 import tensor_pb2
 from services.common.wire import DTYPE_NAMES, WireError, make_header
 
@@ -240,17 +239,6 @@ def decode_entry(raw: bytes | bytearray | memoryview) -> Entry:
 
 # ----------------------------------------------------------------------------------------------
 # The cache
-
-
-def redis_client(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis:
-    """A bytes-mode client that fails fast instead of redis-py's default of ten retries with backoff.
-
-    One immediate retry reconnects a connection that a Redis restart left dead in the pool.
-    """
-    return aioredis.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1),
-        decode_responses=False,
-    )
 
 
 @dataclass(frozen=True)
