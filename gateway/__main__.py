@@ -13,7 +13,8 @@ import sys
 
 from gateway.clients import DecoderClient, EncoderClient
 from gateway.config import GatewayConfig
-from gateway.feature_cache import FeatureCache, redis_client
+from gateway.feature_cache import FeatureCache
+from gateway.redis_connect import prepare, redis_client
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
 from internvl.v1 import gateway_pb2, gateway_pb2_grpc
@@ -35,6 +36,10 @@ async def run(config: GatewayConfig) -> None:
                     "so under LRU features evict sessions and under noeviction features fill it up. Give "
                     "--session-redis-url (noeviction, append-only file) and --feature-cache-url (LRU) their "
                     "own instances (docs/deploy.md)", redact_url(config.session_redis_url))
+    for store, client in (("session store", session_redis), ("feature cache", feature_redis)):
+        problem = await prepare(client)
+        if problem:
+            log.warning("%s: the Redis Cluster's slot map could not be loaded yet (%s)", store, problem)
     encoder = EncoderClient(config.encoder_target, credentials=peer_credentials)
     decoder = DecoderClient(config.decoder_target, credentials=peer_credentials)
     cache = FeatureCache(feature_redis, config.cache)

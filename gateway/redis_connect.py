@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from services.common.security import redact_url
 
@@ -54,5 +55,23 @@ def redis_client(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis | RedisC
     if is_cluster_url(url):
         parts = urlsplit(url)
         plain = urlunsplit(parts._replace(scheme=parts.scheme.removesuffix(CLUSTER_SUFFIX)))
-        return RedisCluster.from_url(plain, **options)
+        # reinitialize_steps=0: a MOVED reply only updates that slot. redis-py's default reloads the
+        # whole map every 5th MOVED by closing every connection, which breaks the calls other tasks
+        # have in flight on them (and a retried append would then be stored twice).
+        return RedisCluster.from_url(plain, reinitialize_steps=0, **options)
     return aioredis.Redis.from_url(url, **options)
+
+
+async def prepare(client: aioredis.Redis | RedisCluster) -> str | None:
+    """Load a cluster's slot map now, before concurrent calls arrive; what failed, if anything.
+
+    A cluster client used before it knows the map sends its first calls to any node, and each comes
+    back MOVED. Not fatal when the cluster is down at start: the client loads the map on first use.
+    """
+    if not isinstance(client, RedisCluster):
+        return None
+    try:
+        await client.initialize()
+    except (RedisError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None

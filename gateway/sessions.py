@@ -183,10 +183,13 @@ def _turn_from_json(raw: bytes) -> Turn:
 
 # Atomic append: the existence and size checks, the file writes, the push and the TTL refresh
 # happen together, so concurrent appends (from any replica) are all kept and caps always hold.
+# Idempotent: the client retries a call once when its connection drops, which may be after Redis
+# ran it; the same turn (its JSON carries its creation time) is then found last and not pushed again.
 # KEYS: meta, turns, images. ARGV: turn JSON, max_turns, max_session_image_bytes, n new files,
 # then n (hash, bytes) pairs, then the hashes the turn references.
 _APPEND_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
+if redis.call('LINDEX', KEYS[2], -1) == ARGV[1] then return {redis.call('LLEN', KEYS[2]), ''} end
 if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[2]) then return {-2, ''} end
 local n = tonumber(ARGV[4])
 local provided, added = {}, 0

@@ -374,7 +374,7 @@ def test_redis_and_secrets(overlay: str):
     secret_names = {s["metadata"]["name"] for s in find(objects, "Secret")}
     for url_env in REDIS_URL_ENV.values():
         url = env.get(url_env)
-        assert isinstance(url, dict) and "secretKeyRef" in url, f"{url_env} comes from a Secret (it may hold a password)"
+        assert isinstance(url, dict) and "secretKeyRef" in url, f"{url_env} from a Secret (it may hold a password)"
     # The API keys: a Secret volume, and the gateway's key file inside it.
     keys_file = env["IVL_GATEWAY_API_KEYS_FILE"]
     mounts = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}
