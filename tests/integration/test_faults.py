@@ -12,8 +12,9 @@ Decisions these tests pin down:
 - while the encoder is down, text-only turns and images whose features are cached still work;
 - Redis is an optimisation for one-off chats (served without the cache while it is down, paused or
   full) but the store of record for sessions: session calls are UNAVAILABLE while it cannot be read
-  or written (RESOURCE_EXHAUSTED while it is full), and a session's turns are intact once it is back; after a flush (or a restart of a
-  Redis that persists nothing) sessions are NOT_FOUND and features are recomputed;
+  or written (RESOURCE_EXHAUSTED while it is full), and a session's turns are intact once it is
+  back; after a flush (or a restart of a Redis that persists nothing) sessions are NOT_FOUND and
+  features are recomputed (this stack runs one Redis for both stores, the trial setup);
 - a corrupted cache entry is detected by its checksum, dropped, recomputed and stored again.
 """
 

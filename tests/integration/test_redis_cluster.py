@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -129,20 +130,28 @@ def test_feature_cache_single_flight_across_slots_and_replicas(feature_cluster: 
     async def main() -> None:
         clients = [redis_client(feature_cluster.url, timeout_s=5) for _ in range(2)]
         replicas = [FeatureCache(c) for c in clients]  # two gateways' caches, sharing the cluster
+        release = asyncio.Event()
         try:
             def compute_for(key: str):
                 async def compute() -> Entry:
                     computed.append(key)
-                    await asyncio.sleep(0.3)  # long enough for every caller to arrive meanwhile
+                    await release.wait()  # held until every other caller is waiting on this compute
                     return Entry(tensor_pb2.DTYPE_FLOAT32, (1, 2, 4), bytes(32))
                 return compute
 
-            results = await asyncio.gather(*(cache.get_or_compute(key, compute_for(key))
-                                             for key in keys for cache in replicas for _ in range(3)))
+            calls = [asyncio.ensure_future(cache.get_or_compute(key, compute_for(key)))
+                     for key in keys for cache in replicas for _ in range(3)]
+            # Per key: 2 followers join in each replica, and the replica without the lock waits on it.
+            # (Released well within FeatureCacheConfig.lock_wait_s, after which a waiter computes too.)
+            deadline = time.monotonic() + 4
+            while (sum(c.stats.coalesced for c in replicas) < len(keys) * 4
+                   or sum(c.stats.lock_waits for c in replicas) < len(keys)):
+                assert time.monotonic() < deadline, [c.stats for c in replicas]
+                await asyncio.sleep(0.01)
+            release.set()
+            results = await asyncio.gather(*calls)
             assert all(entry.shape == (1, 2, 4) for entry, _ in results)
             assert sorted(computed) == sorted(keys), "each key computed exactly once"
-            assert sum(c.stats.coalesced for c in replicas) == len(keys) * 2 * 2  # 2 followers per replica
-            assert sum(c.stats.lock_waits for c in replicas) == len(keys)  # the other replica waited
             again = await asyncio.gather(*(replicas[1].get(key) for key in keys))
             assert all(entry is not None for entry in again)
         finally:
