@@ -6,7 +6,9 @@ image bytes together with everything that changes the result (tiling settings, m
 values are a small checksummed header plus the raw tensor bytes, moved as bytes: no torch here.
 
 The cache is an optimisation, never a dependency: any Redis failure (down, slow, full, a corrupt
-value) is logged and counted, and the request goes on by computing the features.
+value) is logged and counted, and the request goes on by computing the features. It has a Redis of
+its own (LRU, nothing persisted), apart from the sessions, and works on a Redis Cluster: every call
+touches one key (a value, or its lock), so keys spread over all slots.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ may touch them all:
   ivl:sess:v1:{<id>}:turns   LIST  one JSON object per finished turn, oldest first
   ivl:sess:v1:{<id>}:images  HASH  content hash -> raw file bytes (images, or a video)
 All three carry the session's TTL, refreshed on every read and append.
+
+The store is meant for a Redis of its own with `maxmemory-policy noeviction` and an append-only file
+(deploy/k8s/redis/sessions.conf): full is then an error (SessionStoreFull), never a lost session.
 """
 
 from __future__ import annotations
