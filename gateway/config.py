@@ -94,10 +94,6 @@ class GatewayConfig:
         """Sessions and features on one Redis server: one eviction policy for both (trials only)."""
         return instance_address(self.session_redis_url) == instance_address(self.feature_cache_url)
 
-    @property
-    def redis_url_redacted(self) -> str:
-        return redact_url(self.redis_url)
-
     def summary(self) -> str:
         """The settings worth a start-up log line, secrets left out."""
         auth = "OPEN (no API key)" if self.insecure_open else f"{len(self.api_keys)} API key(s)"
