@@ -13,14 +13,15 @@ import sys
 
 from gateway.clients import DecoderClient, EncoderClient
 from gateway.config import GatewayConfig
-from gateway.feature_cache import FeatureCache, redis_client
+from gateway.feature_cache import FeatureCache
+from gateway.redis_connect import prepare, redis_client
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
 from internvl.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.interceptors import ApiKeyInterceptor
 from services.common.logging import configure_logging
 from services.common.metrics import FeatureCacheCollector
-from services.common.security import ApiKeys, SecurityConfigError
+from services.common.security import ApiKeys, SecurityConfigError, redact_url
 from services.common.server import GrpcServer, Service, run_process, serve_until_signal
 
 log = logging.getLogger("gateway")
@@ -28,11 +29,25 @@ log = logging.getLogger("gateway")
 
 async def run(config: GatewayConfig) -> None:
     peer_credentials = config.peer_tls.credentials() if config.peer_tls else None
-    redis = redis_client(config.redis_client_url)
+    session_redis = redis_client(config.client_url(config.session_redis_url))
+    feature_redis = redis_client(config.client_url(config.feature_cache_url))
+    if config.stores_share_instance:
+        log.warning("sessions and the feature cache share one Redis (%s): its eviction policy applies to both, "
+                    "so under LRU features evict sessions and under noeviction features fill it up. Give "
+                    "--session-redis-url (noeviction, append-only file) and --feature-cache-url (LRU) their "
+                    "own instances (docs/deploy.md)", redact_url(config.session_redis_url))
+    for store, client in (("session store", session_redis), ("feature cache", feature_redis)):
+        problem = await prepare(client)
+        if problem:
+            log.warning("%s: the Redis Cluster's slot map could not be loaded yet (%s)", store, problem)
     encoder = EncoderClient(config.encoder_target, credentials=peer_credentials)
     decoder = DecoderClient(config.decoder_target, credentials=peer_credentials)
-    cache = FeatureCache(redis, config.cache)
-    servicer = GatewayServicer(config, encoder, decoder, cache, SessionStore(redis, config.sessions))
+    cache = FeatureCache(feature_redis, config.cache)
+    sessions = SessionStore(session_redis, config.sessions)
+    problem = await sessions.policy_problem()
+    if problem:
+        log.warning("session store %s: %s", redact_url(config.session_redis_url), problem)
+    servicer = GatewayServicer(config, encoder, decoder, cache, sessions)
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     if config.insecure_open:
         log.warning("--insecure-open: serving WITHOUT authentication; anyone who reaches %s can use the model",
@@ -50,7 +65,8 @@ async def run(config: GatewayConfig) -> None:
     finally:
         await encoder.close()
         await decoder.close()
-        await redis.aclose()
+        await session_redis.aclose()
+        await feature_redis.aclose()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,15 @@ Security is on by default: the gateway refuses to start without API keys (`--api
 IVL_GATEWAY_API_KEYS) unless `--insecure-open` says it is a local, open deployment. Keys have no
 flag of their own, so they never show in a process listing.
 
+Two Redis stores with two policies: sessions (user data: `noeviction`, append-only file) at
+`--session-redis-url`, the feature cache (re-computable: LRU, no persistence) at `--feature-cache-url`.
+Each defaults to `--redis-url`, so one Redis still works for trials; sharing one instance is logged as
+a warning, because the eviction policy is per instance (LRU would evict sessions, noeviction would
+fill up with features). `redis+cluster://` / `rediss+cluster://` URLs name a Redis Cluster.
+
 Redis credentials and TLS go in the URL, as redis-py reads it: `rediss://user:password@host:6380/0`
 (`rediss` = TLS; `redis://:password@host` for a password alone); `--redis-tls-ca` names the CA that
-signed the Redis server's certificate (default: the system's roots).
+signed the Redis servers' certificates (default: the system's roots).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gateway.feature_cache import FeatureCacheConfig
+from gateway.redis_connect import check_url, instance_address
 from gateway.sessions import SessionConfig
 from services.common.flags import EnvFlags
 from services.common.logging import LOG_FORMATS
@@ -35,7 +42,7 @@ class GatewayConfig:
     server: ServerConfig
     encoder_target: str
     decoder_target: str
-    redis_url: str  # may hold a password: log `redis_url_redacted`
+    redis_url: str  # the default of both stores; URLs may hold a password: log them redacted
     cache: FeatureCacheConfig = FeatureCacheConfig()
     sessions: SessionConfig = SessionConfig()
     max_images_per_request: int = 16
@@ -51,29 +58,41 @@ class GatewayConfig:
     redis_tls_ca: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
+    session_redis_url: str = ""  # "" = redis_url
+    feature_cache_url: str = ""  # "" = redis_url
 
     def __post_init__(self) -> None:
         if self.api_keys and self.insecure_open:
             raise ValueError(f"--insecure-open contradicts the API keys configured (--api-keys-file, {API_KEYS_ENV})")
-        if self.redis_tls_ca and urlsplit(self.redis_url).scheme != "rediss":
-            raise ValueError("--redis-tls-ca needs a rediss:// --redis-url (TLS)")
+        # frozen: resolve the stores' defaults once, here
+        object.__setattr__(self, "session_redis_url", self.session_redis_url or self.redis_url)
+        object.__setattr__(self, "feature_cache_url", self.feature_cache_url or self.redis_url)
+        check_url(self.session_redis_url, "--session-redis-url (or --redis-url)")
+        check_url(self.feature_cache_url, "--feature-cache-url (or --redis-url)")
+        if self.redis_tls_ca and not any(urlsplit(u).scheme.startswith("rediss")
+                                         for u in (self.session_redis_url, self.feature_cache_url)):
+            raise ValueError("--redis-tls-ca needs a rediss:// Redis URL (TLS)")
         if not isinstance(logging.getLevelName(self.log_level.upper()), int):
             raise ValueError("--log-level must be a level name (DEBUG, INFO, WARNING, ERROR)")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
 
-    @property
-    def redis_client_url(self) -> str:
-        """`redis_url` with the TLS CA as redis-py's `ssl_ca_certs` URL option."""
-        if not self.redis_tls_ca:
-            return self.redis_url
-        parts = urlsplit(self.redis_url)
+    def client_url(self, url: str) -> str:
+        """`url` with the TLS CA as redis-py's `ssl_ca_certs` URL option (for rediss:// URLs)."""
+        if not self.redis_tls_ca or not urlsplit(url).scheme.startswith("rediss"):
+            return url
+        parts = urlsplit(url)
         query = [*parse_qsl(parts.query), ("ssl_ca_certs", self.redis_tls_ca)]
         return urlunsplit(parts._replace(query=urlencode(query)))
 
     @property
-    def redis_url_redacted(self) -> str:
-        return redact_url(self.redis_url)
+    def redis_client_url(self) -> str:
+        return self.client_url(self.redis_url)
+
+    @property
+    def stores_share_instance(self) -> bool:
+        """Sessions and features on one Redis server: one eviction policy for both (trials only)."""
+        return instance_address(self.session_redis_url) == instance_address(self.feature_cache_url)
 
     def summary(self) -> str:
         """The settings worth a start-up log line, secrets left out."""
@@ -82,7 +101,8 @@ class GatewayConfig:
         server_tls = "off" if tls is None else ("mutual" if tls.mutual else "on")
         peer_tls = "off" if self.peer_tls is None else ("mutual" if self.peer_tls.cert else "on")
         return (f"{self.server.address} auth={auth} tls={server_tls} encoder={self.encoder_target} "
-                f"decoder={self.decoder_target} peer_tls={peer_tls} redis={self.redis_url_redacted}")
+                f"decoder={self.decoder_target} peer_tls={peer_tls} sessions={redact_url(self.session_redis_url)} "
+                f"features={redact_url(self.feature_cache_url)}")
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -96,7 +116,14 @@ class GatewayConfig:
         p.add_argument("--decoder", default=get("IVL_DECODER_TARGET", "127.0.0.1:50053"),
                        help="decoder address(es), same forms as --encoder")
         p.add_argument("--redis-url", default=get("IVL_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                       help="redis://[[user]:password@]host:port/db, or rediss:// for TLS (env IVL_REDIS_URL)")
+                       help="redis://[[user]:password@]host:port/db, rediss:// for TLS, redis+cluster:// for a "
+                            "Redis Cluster: the default of both stores below (env IVL_REDIS_URL)")
+        p.add_argument("--session-redis-url", default=get("IVL_SESSION_REDIS_URL", ""),
+                       help="the session store: a Redis with maxmemory-policy noeviction and an append-only file "
+                            "(default --redis-url; env IVL_SESSION_REDIS_URL)")
+        p.add_argument("--feature-cache-url", default=get("IVL_FEATURE_CACHE_URL", ""),
+                       help="the feature cache: a Redis with an LRU maxmemory-policy, no persistence needed "
+                            "(default --redis-url; env IVL_FEATURE_CACHE_URL)")
         p.add_argument("--feature-ttl", type=float, default=float(get("IVL_FEATURE_TTL_S", "3600")))
         p.add_argument("--session-ttl", type=int, default=int(get("IVL_SESSION_TTL_S", "3600")))
         p.add_argument("--max-images", type=int, default=int(get("IVL_MAX_IMAGES", "16")))
@@ -135,6 +162,8 @@ class GatewayConfig:
                 encoder_target=a.encoder,
                 decoder_target=a.decoder,
                 redis_url=a.redis_url,
+                session_redis_url=a.session_redis_url,
+                feature_cache_url=a.feature_cache_url,
                 cache=FeatureCacheConfig(ttl_s=a.feature_ttl),
                 sessions=SessionConfig(default_ttl_s=a.session_ttl, max_ttl_s=max(a.session_ttl, 7 * 24 * 3600)),
                 max_images_per_request=a.max_images,

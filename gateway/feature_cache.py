@@ -6,7 +6,9 @@ image bytes together with everything that changes the result (tiling settings, m
 values are a small checksummed header plus the raw tensor bytes, moved as bytes: no torch here.
 
 The cache is an optimisation, never a dependency: any Redis failure (down, slow, full, a corrupt
-value) is logged and counted, and the request goes on by computing the features.
+value) is logged and counted, and the request goes on by computing the features. It has a Redis of
+its own (LRU, nothing persisted), apart from the sessions, and works on a Redis Cluster: every call
+touches one key (a value, or its lock), so keys spread over all slots.
 """
 
 from __future__ import annotations
@@ -27,12 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.redis_connect import redis_client as redis_client  # re-exported: callers build clients here
 from internvl.v1 import tensor_pb2
 from services.common.wire import DTYPE_NAMES, WireError, make_header
 
@@ -240,17 +241,6 @@ def decode_entry(raw: bytes | bytearray | memoryview) -> Entry:
 
 # ----------------------------------------------------------------------------------------------
 # The cache
-
-
-def redis_client(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis:
-    """A bytes-mode client that fails fast instead of redis-py's default of ten retries with backoff.
-
-    One immediate retry reconnects a connection that a Redis restart left dead in the pool.
-    """
-    return aioredis.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1),
-        decode_responses=False,
-    )
 
 
 @dataclass(frozen=True)

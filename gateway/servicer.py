@@ -15,8 +15,9 @@ Failures, and what the client sees:
 - a peer down: UNAVAILABLE at once (calls fail fast, they never wait for the deadline); the
   channel reconnects by itself when the peer is back;
 - a peer overloaded: RESOURCE_EXHAUSTED, with the peer's `retry-after-ms` trailing metadata;
-- Redis down or full: one-off chats are served without the feature cache; session calls get
-  UNAVAILABLE (a turn must not be answered from a history the gateway cannot read or extend);
+- the feature cache down, full or flushed: served without it (features are computed again);
+- the session store down: session calls get UNAVAILABLE (a turn must not be answered from a history
+  the gateway cannot read or extend); full (it never evicts): RESOURCE_EXHAUSTED, nothing lost;
 - anything else: INTERNAL, logged.
 """
 
@@ -46,6 +47,7 @@ from gateway.sessions import (
     SessionError,
     SessionNotFound,
     SessionStore,
+    SessionStoreFull,
     SessionStoreUnavailable,
     SessionTooLarge,
     Turn,
@@ -514,7 +516,7 @@ def _peer_error(peer: str, err: grpc.aio.AioRpcError) -> RequestError:
 def _session_status(exc: SessionError) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, SessionNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, SessionTooLarge):
+    if isinstance(exc, (SessionTooLarge, SessionStoreFull)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, SessionStoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}"

@@ -12,6 +12,9 @@ may touch them all:
   ivl:sess:v1:{<id>}:turns   LIST  one JSON object per finished turn, oldest first
   ivl:sess:v1:{<id>}:images  HASH  content hash -> raw file bytes (images, or a video)
 All three carry the session's TTL, refreshed on every read and append.
+
+The store is meant for a Redis of its own with `maxmemory-policy noeviction` and an append-only file
+(deploy/k8s/redis/sessions.conf): full is then an error (SessionStoreFull), never a lost session.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 KEY_PREFIX = "ivl:sess:v1:"
 TURN_FORMAT_VERSION = 1
@@ -51,7 +54,15 @@ class SessionTooLarge(SessionError):
 
 
 class SessionStoreUnavailable(SessionError):
-    """Redis is down, timed out or refused the write, e.g. when full (UNAVAILABLE)."""
+    """Redis is down, timed out, or refused for another reason than memory (UNAVAILABLE)."""
+
+
+class SessionStoreFull(SessionError):
+    """Redis is at maxmemory and, evicting nothing, refused the write (RESOURCE_EXHAUSTED).
+
+    Nothing stored is lost: the session store runs `noeviction`, so full means new writes fail
+    while every session already there stays intact (reads and deletes keep working).
+    """
 
 
 class SessionCorrupted(SessionError):
@@ -175,10 +186,13 @@ def _turn_from_json(raw: bytes) -> Turn:
 
 # Atomic append: the existence and size checks, the file writes, the push and the TTL refresh
 # happen together, so concurrent appends (from any replica) are all kept and caps always hold.
+# Idempotent: the client retries a call once when its connection drops, which may be after Redis
+# ran it; the same turn (its JSON carries its creation time) is then found last and not pushed again.
 # KEYS: meta, turns, images. ARGV: turn JSON, max_turns, max_session_image_bytes, n new files,
 # then n (hash, bytes) pairs, then the hashes the turn references.
 _APPEND_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, ''} end
+if redis.call('LINDEX', KEYS[2], -1) == ARGV[1] then return {redis.call('LLEN', KEYS[2]), ''} end
 if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[2]) then return {-2, ''} end
 local n = tonumber(ARGV[4])
 local provided, added = {}, 0
@@ -203,6 +217,31 @@ return {len, ''}
 """
 
 
+# Create: the metadata and its TTL together (a Lua script, not MULTI: Redis Cluster runs it on the
+# session's slot like any single-key command). KEYS: meta. ARGV: ttl, then field/value pairs.
+_CREATE_LUA = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# How Redis words a write refused at maxmemory; inside a Lua script older servers wrap it in a
+# generic script error, so the text is checked as well as the error class.
+_OOM_TEXT = "OOM command not allowed"
+
+
+def classify_error(what: str, error: BaseException) -> SessionError:
+    """The typed error for a failed Redis call: full (nothing lost, retry later) or unavailable."""
+    detail = f"{type(error).__name__}: {error}"
+    if isinstance(error, OutOfMemoryError) or _OOM_TEXT in str(error):
+        return SessionStoreFull(
+            f"the session store is full (Redis maxmemory reached): {what} was refused and nothing was "
+            f"stored; sessions already stored are intact. Retry later or delete sessions no longer needed; "
+            f"operators: raise the session store's maxmemory or move it to a Redis Cluster ({detail})"
+        )
+    return SessionStoreUnavailable(f"session store: {what} failed ({detail})")
+
+
 class SessionStore:
     """Sessions in Redis. `client` must return bytes (decode_responses=False), like the cache's."""
 
@@ -210,12 +249,32 @@ class SessionStore:
         self._redis = client
         self.config = config or SessionConfig()
         self._append_script = client.register_script(_APPEND_LUA)
+        self._create_script = client.register_script(_CREATE_LUA)
 
     async def _run(self, what: str, call: Awaitable[T]) -> T:
         try:
             return await asyncio.wait_for(call, self.config.op_timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            raise SessionStoreUnavailable(f"session store: {what} failed ({type(e).__name__}: {e})") from e
+            raise classify_error(what, e) from e
+
+    async def policy_problem(self) -> str | None:
+        """What is wrong with the store's eviction policy (None: noeviction, or it cannot be read).
+
+        A start-up check, never fatal: managed Redis services may hide INFO, and the store may be
+        down for now (then calls fail with UNAVAILABLE until it is back).
+        """
+        try:
+            info = await asyncio.wait_for(self._redis.info("memory"), self.config.op_timeout_s)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return None
+        nodes = info.values() if "maxmemory_policy" not in info else [info]  # a cluster answers per node
+        policies = {str(node.get("maxmemory_policy")) for node in nodes if isinstance(node, dict)}
+        bad = sorted(p for p in policies if p != "noeviction")
+        if not bad:
+            return None
+        return (f"maxmemory-policy is {', '.join(bad)}: Redis may evict sessions when memory runs short. "
+                f"Set maxmemory-policy noeviction (a full store then refuses new turns with RESOURCE_EXHAUSTED "
+                f"and loses nothing)")
 
     def _resolve_ttl(self, ttl_s: int | None) -> int:
         if ttl_s is None or ttl_s == 0:
@@ -234,10 +293,8 @@ class SessionStore:
         meta: dict[str, str | int | float] = {"v": 1, "created_at": now, "ttl": ttl, "image_bytes": 0}
         if system_message is not None:
             meta["system_message"] = system_message
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(meta_key, mapping=meta)
-        pipe.expire(meta_key, ttl)
-        await self._run("create", pipe.execute())
+        fields = [part for item in meta.items() for part in item]
+        await self._run("create", self._create_script(keys=[meta_key], args=[ttl, *fields]))
         return Session(session_id, system_message, (), ttl, now, now + ttl, 0)
 
     async def get(self, session_id: str) -> Session | None:

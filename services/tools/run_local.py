@@ -1,18 +1,21 @@
 """The whole system on this machine, in one command: `python -m services.tools.run_local [--demo]`.
 
-Starts, as child processes: a throwaway `redis-server` (unless `--redis-url` is given; free loopback
-port, data in a temporary directory, nothing persisted), the vision encoder and the language decoder
+Starts, as child processes: two `redis-server`s (unless `--redis-url` is given), each on a free
+loopback port with the deployments' own config file from deploy/k8s/redis/ — the session store
+(`noeviction`, append-only file in `<run-dir>/redis-sessions-data`, so sessions outlive a restart of
+this launcher) and the feature cache (LRU, nothing persisted, a temporary directory) —, the vision
+encoder and the language decoder
 (at the same time; one after the other when they share a GPU, so that the decoder sizes its KV cache
 around the encoder), then the gateway once both are SERVING. Without `--model` it serves the built-in
 tiny checkpoint `.cache/tiny-internvl2` (random weights, gibberish answers), writing it first with
 `python -m services.tools.make_tiny_checkpoint` if it is missing.
 
-Every child's output goes to `<run-dir>/{redis,encoder,decoder,gateway}.log` (default `.cache/run/`,
-overwritten by the next run). When all four answer (gRPC health SERVING, Redis PING) it prints the
+Every child's output goes to `<run-dir>/{redis-sessions,redis-features,encoder,decoder,gateway}.log`
+(default `.cache/run/`, overwritten by the next run). When all answer (gRPC health SERVING, Redis PING) it prints the
 gateway address and then either
 
 - serves in the foreground until Ctrl-C or SIGTERM, then stops the children in order: gateway
-  first (no new requests), then decoder and encoder, then Redis; or
+  first (no new requests), then decoder and encoder, then the two Redis; or
 - with `--demo`, sends one chat with the client CLI (`python -m gateway.client`, answer streamed to
   stdout) and stops everything; with `--demo --keep-serving` it stays up after the demo instead.
 
@@ -54,6 +57,8 @@ DEFAULT_RUN_DIR = Path(".cache/run")
 DEMO_IMAGE = REPO_ROOT / "tests/fixtures/parity/dev/images/img0_800x600.png"
 DEMO_QUESTION = "Describe the image."
 REDIS_SERVER_ENV = "REDIS_SERVER"
+REDIS_CONF_DIR = REPO_ROOT / "deploy" / "k8s" / "redis"  # the same files compose and Kubernetes run
+SESSIONS_DATA = "redis-sessions-data"
 API_KEYS_ENV = "IVL_GATEWAY_API_KEYS"  # the gateway's own; its first key is the demo's
 CLIENT_KEY_ENV = "IVL_API_KEY"  # what gateway.client sends
 LOOPBACK_HOSTS = ("localhost", "::1", "ip6-localhost")
@@ -170,8 +175,9 @@ class Stack:
         self.args = args
         self.run_dir: Path = args.run_dir
         self.children: list[Child] = []  # in start order
-        self.redis_url: str = args.redis_url or ""
-        self.redis_dir: str | None = None
+        # store name ("sessions", "features") -> URL; both the given --redis-url, or our own servers'
+        self.redis_urls: dict[str, str] = dict.fromkeys(("sessions", "features"), args.redis_url or "")
+        self.redis_dir: str | None = None  # the feature cache's throwaway directory
         self.signals = 0
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -197,8 +203,12 @@ class Stack:
     def start(self, model: str) -> str:
         """Everything up and healthy; returns the gateway address."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.redis_url:
-            self.start_redis()
+        if not self.args.redis_url:
+            self.start_redis("sessions", str((self.run_dir / SESSIONS_DATA).resolve()),
+                             self.args.session_redis_maxmemory, self.args.session_redis_port)
+            self.redis_dir = tempfile.mkdtemp(prefix="internvl-redis-features-")
+            self.start_redis("features", self.redis_dir, self.args.feature_redis_maxmemory,
+                             self.args.feature_redis_port)
         a = self.args
         metrics = ["--metrics-port", "0"] if a.no_metrics else []
         common = ["--dtype", a.dtype, *metrics]
@@ -219,7 +229,8 @@ class Stack:
         else:
             self.launch([encoder, decoder])
         gateway = Child("gateway", [py, "-m", "gateway", "--host", a.host, "--encoder", encoder.address,
-                                    "--decoder", decoder.address, "--redis-url", self.redis_url,
+                                    "--decoder", decoder.address, "--session-redis-url", self.redis_urls["sessions"],
+                                    "--feature-cache-url", self.redis_urls["features"],
                                     *self.auth_args(), *metrics, *shlex.split(a.gateway_args)],
                         self.run_dir / "gateway.log", a.port, host=a.host)
         self.launch([gateway])
@@ -233,29 +244,30 @@ class Stack:
             return []  # the gateway reads them itself
         return ["--insecure-open"]
 
-    def start_redis(self) -> None:
+    def start_redis(self, store: str, data_dir: str, maxmemory: str, port: int) -> None:
+        """One store's redis-server with its deploy/k8s/redis/<store>.conf, on loopback."""
         binary = os.environ.get(REDIS_SERVER_ENV) or shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.access(binary, os.X_OK):
             raise LaunchError(
                 f"redis-server not found ({binary}): install it (`make setup` or `apt-get install redis-server`), "
                 f"set {REDIS_SERVER_ENV}=/path/to/redis-server, or give --redis-url"
             )
-        self.redis_dir = tempfile.mkdtemp(prefix="internvl-redis-")
+        os.makedirs(data_dir, exist_ok=True)
         # --logfile "": Redis logs to stdout, which is the log file.
-        redis = Child("redis", [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--dir", self.redis_dir, "--logfile", ""],
-                      self.run_dir / "redis.log", self.args.redis_port, cwd=self.redis_dir)
+        redis = Child(f"redis-{store}", [binary, str(REDIS_CONF_DIR / f"{store}.conf"), "--bind", "127.0.0.1",
+                                         "--dir", data_dir, "--maxmemory", maxmemory, "--logfile", ""],
+                      self.run_dir / f"redis-{store}.log", port, cwd=data_dir)
         self.children.append(redis)
         for attempt in range(3):
             redis.spawn(self.env)
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 60  # the session store first replays its append-only file
             while time.monotonic() < deadline:
                 self.check_interrupt()
                 if redis.exited() is not None:
                     break
                 if _redis_ping(redis.chosen_port):
-                    self.redis_url = f"redis://127.0.0.1:{redis.chosen_port}/0"
-                    say(f"redis ready at {self.redis_url}")
+                    self.redis_urls[store] = f"redis://127.0.0.1:{redis.chosen_port}/0"
+                    say(f"redis-{store} ready at {self.redis_urls[store]}")
                     return
                 time.sleep(0.05)
             exited = redis.exited() is not None
@@ -263,7 +275,7 @@ class Stack:
                 raise LaunchError(redis.describe_exit() if exited else
                                   f"redis-server did not answer PING; log:\n{log_tail(redis.log_path)}")
             redis.reap()
-            say("redis lost its port to another process; retrying on another")
+            say(f"redis-{store} lost its port to another process; retrying on another")
 
     def launch(self, group: list[Child]) -> None:
         """Spawn the group together and wait until each is SERVING (retrying a lost port race)."""
@@ -327,7 +339,7 @@ class Stack:
         then SIGKILL; a second Ctrl-C/SIGTERM kills whatever is left at once.
         """
         by_name = {c.name: c for c in self.children}
-        for stage in (["gateway"], ["decoder", "encoder"], ["redis"]):
+        for stage in (["gateway"], ["decoder", "encoder"], ["redis-sessions", "redis-features"]):
             group = [by_name[n] for n in stage if n in by_name and by_name[n].proc is not None]
             if not group:
                 continue
@@ -452,8 +464,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="serve a non-loopback --host without API keys (trusted networks only)")
     p.add_argument("--no-metrics", action="store_true",
                    help="no Prometheus endpoints (default: the services' own, ports 9101-9103)")
-    p.add_argument("--redis-url", help="use this Redis instead of starting a throwaway redis-server")
-    p.add_argument("--redis-port", type=int, default=0, help="port of the throwaway redis-server (0 = a free one)")
+    p.add_argument("--redis-url", help="use this Redis for both stores instead of starting two redis-servers "
+                                       "(the gateway then warns that one eviction policy serves both)")
+    p.add_argument("--session-redis-port", type=int, default=0, help="port of the session store (0 = a free one)")
+    p.add_argument("--feature-redis-port", type=int, default=0, help="port of the feature cache (0 = a free one)")
+    p.add_argument("--session-redis-maxmemory", default="1gb",
+                   help="the session store's bound: beyond it new turns fail with RESOURCE_EXHAUSTED (default 1gb)")
+    p.add_argument("--feature-redis-maxmemory", default="1gb",
+                   help="the feature cache's bound: beyond it the least recently used features leave (default 1gb)")
     p.add_argument("--encoder-args", default="", help='extra flags for the encoder, e.g. "--max-batch-tiles 64"')
     p.add_argument("--decoder-args", default="", help='extra flags for the decoder, e.g. "--max-num-seqs 32"')
     p.add_argument("--gateway-args", default="", help='extra flags for the gateway, e.g. "--session-ttl 600"')
@@ -471,7 +489,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.keep_serving and not args.demo:
         p.error("--keep-serving goes with --demo (without --demo the stack always keeps serving)")
-    for flag in ("port", "encoder_port", "decoder_port", "redis_port"):
+    for flag in ("port", "encoder_port", "decoder_port", "session_redis_port", "feature_redis_port"):
         if not 0 <= getattr(args, flag) <= 65535:
             p.error(f"--{flag.replace('_', '-')} must be in [0, 65535]")
     keys = bool(args.api_keys_file or os.environ.get(API_KEYS_ENV))

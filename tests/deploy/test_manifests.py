@@ -8,8 +8,9 @@
   on the right ports, GPU requests that match `--device`, an HPA and a PDB per service, termination
   grace longer than each process's own `--grace-seconds` (read by the services' real flag parsers
   from the rendered ConfigMaps), non-root and read-only containers, Secrets never rendered in prod.
-- compose.yaml: GPU pinning (encoder GPU 0, decoder GPU 1), Redis bounded with LRU eviction, the API
-  key from a compose secret file, health checks, start order on health.
+- compose.yaml: GPU pinning (encoder GPU 0, decoder GPU 1), two Redis (sessions: noeviction + AOF on a
+  volume; features: bounded LRU), the API key from a compose secret file, health checks, start order.
+- Two Redis stores everywhere (see "two Redis stores" below), no Secret value on a command line.
 - The gateway image's requirement list is enough for `python -m gateway` with torch & co. absent.
 
 kubectl missing makes these tests fail (never skip); `KUBECTL=/path/to/kubectl` picks another one.
@@ -17,6 +18,7 @@ kubectl missing makes these tests fail (never skip); `KUBECTL=/path/to/kubectl` 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import importlib.metadata
@@ -369,22 +371,10 @@ def test_redis_and_secrets(overlay: str):
     objects = render(overlay)
     gateway = main_container(objects, "gateway")
     env = container_env(objects, gateway)
-    url = env.get("IVL_REDIS_URL")
-    assert isinstance(url, dict) and "secretKeyRef" in url, "IVL_REDIS_URL comes from a Secret (it may hold a password)"
     secret_names = {s["metadata"]["name"] for s in find(objects, "Secret")}
-    redis = find(objects, "StatefulSet", "internvl-redis")
-    if overlay == "prod-managed-redis":
-        assert not redis, "a managed Redis replaces the in-cluster one"
-    else:
-        container = pod_spec(redis[0])["containers"][0]
-        redis_env = container_env(objects, container)
-        args = [re.sub(r"\$\((\w+)\)", lambda m: str(redis_env[m.group(1)]), a) for a in container["args"]]
-        assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru", args
-        assert "--requirepass" in args
-        # Redis needs headroom beyond its data (fragmentation, buffers): stay well under the pod's limit.
-        maxmemory = redis_bytes(args[args.index("--maxmemory") + 1])
-        assert 0 < maxmemory <= 0.8 * kubernetes_bytes(container["resources"]["limits"]["memory"]), args
-        one(objects, "Service", "internvl-redis")
+    for url_env in REDIS_URL_ENV.values():
+        url = env.get(url_env)
+        assert isinstance(url, dict) and "secretKeyRef" in url, f"{url_env} from a Secret (it may hold a password)"
     # The API keys: a Secret volume, and the gateway's key file inside it.
     keys_file = env["IVL_GATEWAY_API_KEYS_FILE"]
     mounts = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}
@@ -398,7 +388,115 @@ def test_redis_and_secrets(overlay: str):
     else:
         keys_secret = one(objects, "Secret", volumes[secret_volumes[0]]["secret"]["secretName"])
         assert Path(keys_file).name in keys_secret.get("data", {})
-        assert url["secretKeyRef"]["name"] in secret_names
+        for url_env in REDIS_URL_ENV.values():
+            assert env[url_env]["secretKeyRef"]["name"] in secret_names
+
+
+# ------------------------------------------------------------------------------------------ two Redis stores
+
+# Store -> (workload kind and name, the settings its Redis must run with). Other workers' NetworkPolicies
+# select these pods by `app.kubernetes.io/name` and port 6379: both are pinned here.
+REDIS_STORES = {
+    "sessions": ("StatefulSet", "internvl-redis-sessions",
+                 {"maxmemory-policy": "noeviction", "appendonly": "yes", "appendfsync": "everysec"}),
+    "features": ("Deployment", "internvl-redis-features",
+                 {"maxmemory-policy": "allkeys-lru", "appendonly": "no", "save": '""'}),
+}
+REDIS_URL_ENV = {"sessions": "IVL_SESSION_REDIS_URL", "features": "IVL_FEATURE_CACHE_URL"}
+# Redis needs headroom beyond its data; the session store also forks to rewrite its append-only file.
+REDIS_HEADROOM = {"sessions": 0.6, "features": 0.8}
+
+
+def redis_directives(text: str) -> dict[str, str]:
+    """`directive value` lines of a redis.conf (comments and blank lines skipped)."""
+    lines = (ln.strip() for ln in text.splitlines())
+    return dict(ln.split(None, 1) for ln in lines if ln and not ln.startswith("#"))
+
+
+def redis_settings(objects: tuple[dict, ...], workload: dict) -> dict[str, str]:
+    """What the Redis container runs with: its mounted config file, then the lines its entrypoint
+    feeds on stdin (`redis-server FILE - <<EOF`), with the container's plain env values filled in."""
+    pod = pod_spec(workload)
+    container = pod["containers"][0]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    script = "\n".join(container.get("command", []) + container.get("args", []))
+    match = re.search(r"exec redis-server (\S+) - <<EOF\n(.*?)\nEOF", script, re.S)
+    assert match, f"{workload['metadata']['name']}: expected `exec redis-server FILE - <<EOF` (config on stdin)"
+    conf_path, stdin = Path(match.group(1)), match.group(2)
+    volume = {v["name"]: v for v in pod["volumes"]}[mounts[str(conf_path.parent)]]
+    config_map = one(objects, "ConfigMap", volume["configMap"]["name"])
+    env = container_env(objects, container)
+    stdin = re.sub(r"\$(\w+)", lambda m: env[m.group(1)] if isinstance(env[m.group(1)], str) else "<secret>", stdin)
+    return {**redis_directives(config_map["data"][conf_path.name]), **redis_directives(stdin)}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_two_redis_stores(overlay: str):
+    """Sessions: a StatefulSet with a volume and a headless Service, noeviction + AOF every second;
+    features: a Deployment and a Service, LRU, nothing persisted; each named, labelled and on 6379 as
+    the NetworkPolicies expect. A managed-Redis overlay runs neither and still takes both URLs."""
+    objects = render(overlay)
+    gateway_env = container_env(objects, main_container(objects, "gateway"))
+    assert "IVL_REDIS_URL" not in gateway_env, "one URL for both stores would share one eviction policy"
+    assert not find(objects, "StatefulSet", "internvl-redis") and not find(objects, "Service", "internvl-redis")
+    for store, (kind, name, wanted) in REDIS_STORES.items():
+        assert REDIS_URL_ENV[store] in gateway_env
+        if overlay == "prod-managed-redis":
+            assert not find(objects, kind, name) and not find(objects, "Service", name), "managed Redis replaces it"
+            continue
+        workload = one(objects, kind, name)
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == name
+        assert workload["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": name}
+        container = pod_spec(workload)["containers"][0]
+        assert {"containerPort": 6379, "name": "redis"} in container["ports"]
+        settings = redis_settings(objects, workload)
+        for directive, value in wanted.items():
+            assert settings.get(directive) == value, f"{name}: {directive} {settings.get(directive)} != {value}"
+        assert settings.get("requirepass") == "<secret>", f"{name}: password from the Secret, on stdin"
+        maxmemory = redis_bytes(settings["maxmemory"])
+        limit = kubernetes_bytes(container["resources"]["limits"]["memory"])
+        assert 0 < maxmemory <= REDIS_HEADROOM[store] * limit, f"{name}: maxmemory {maxmemory} vs limit {limit}"
+        service = one(objects, "Service", name)
+        assert service["spec"]["selector"] == {"app.kubernetes.io/name": name}
+        assert [p["port"] for p in service["spec"]["ports"]] == [6379]
+        if store == "sessions":
+            assert service["spec"].get("clusterIP") == "None", f"{name}: a headless Service"
+            assert workload["spec"]["serviceName"] == name
+            claims = {c["metadata"]["name"]: c for c in workload["spec"].get("volumeClaimTemplates", [])}
+            data = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+            assert settings.get("dir") == "/data" and data.get(next(iter(claims), "")) == "/data", \
+                f"{name}: the append-only file must live on the PersistentVolumeClaim"
+            assert kubernetes_bytes(claims["data"]["spec"]["resources"]["requests"]["storage"]) >= 2 * maxmemory, \
+                f"{name}: the volume holds an append-only file of up to twice the data"
+            assert "startupProbe" in container, f"{name}: replaying the AOF must not trip the liveness probe"
+    if overlay != "prod-managed-redis" and not overlay.startswith("prod"):
+        # The in-overlay URLs reach the two Services (and the gateway's parser sees two instances).
+        secret = one(objects, "Secret", gateway_env[REDIS_URL_ENV["sessions"]]["secretKeyRef"]["name"])
+        urls = {store: base64.b64decode(secret["data"][gateway_env[env_name]["secretKeyRef"]["key"]]).decode()
+                for store, env_name in REDIS_URL_ENV.items()}
+        for store, url in urls.items():
+            assert f"@{REDIS_STORES[store][1]}:6379/" in url, url
+        from gateway.config import GatewayConfig
+
+        config = GatewayConfig.from_args(["--insecure-open", "--session-redis-url", urls["sessions"],
+                                          "--feature-cache-url", urls["features"]], env={})
+        assert not config.stores_share_instance
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_on_a_command_line(overlay: str):
+    """`$(VAR)` in command/args puts the value in the process's argv (visible in ps, /proc): never a
+    Secret's value."""
+    objects = render(overlay)
+    for workload in find(objects, "Deployment") + find(objects, "StatefulSet"):
+        pod = pod_spec(workload)
+        for c in pod["containers"] + pod.get("initContainers", []):
+            secret_env = {e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+            argv = " ".join(c.get("command", []) + c.get("args", []))
+            used = set(re.findall(r"\$\((\w+)\)", argv)) & secret_env
+            assert not used, f"{workload['metadata']['name']}/{c['name']}: Secret values on the command line: {used}"
+            assert "--requirepass" not in argv
 
 
 # ------------------------------------------------------------------------------------------ compose
@@ -433,15 +531,31 @@ def test_compose_pins_gpus(compose: dict):
         assert devices[0].get("driver") == "nvidia" and "gpu" in devices[0].get("capabilities", [])
         assert [str(d) for d in devices[0].get("device_ids", [])] == [device], f"{name} pinned to GPU {device}"
         assert "count" not in devices[0], "count and device_ids exclude each other"
-    for name in ("gateway", "redis"):
+    for name in ("gateway", "redis-sessions", "redis-features"):
         assert not gpu_devices(services[name])
 
 
-def test_compose_redis_bounded_lru(compose: dict):
-    command = [_default(str(a)) for a in compose["services"]["redis"]["command"]]
-    assert command[0] == "redis-server"
-    assert redis_bytes(command[command.index("--maxmemory") + 1]) > 0
-    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
+def test_compose_two_redis_stores(compose: dict):
+    """Sessions: the deployments' sessions.conf (noeviction, AOF) on a named volume; features: LRU."""
+    services = compose["services"]
+    assert "redis" not in services, "one Redis for both stores shares one eviction policy"
+    env = compose_env(services["gateway"])
+    for store, service_name in (("sessions", "redis-sessions"), ("features", "redis-features")):
+        service = services[service_name]
+        command = [_default(str(a)) for a in service["command"]]
+        assert command[0] == "redis-server" and redis_bytes(command[command.index("--maxmemory") + 1]) > 0
+        conf = DEPLOY / mounts_of(service)[command[1]]
+        assert conf == K8S / "redis" / f"{store}.conf", f"{service_name}: the shared config file"
+        settings = redis_directives(conf.read_text())
+        for directive, value in REDIS_STORES[store][2].items():
+            assert settings.get(directive) == value, f"{service_name}: {directive}"
+        assert env[REDIS_URL_ENV[store]] == f"redis://{service_name}:6379/0"
+    assert mounts_of(services["redis-sessions"]).get("/data") in compose["volumes"], "sessions on a named volume"
+    assert "IVL_REDIS_URL" not in env
+
+
+def mounts_of(service: dict) -> dict[str, str]:
+    return {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
 
 
 def test_compose_api_key_from_secret_file(compose: dict):
@@ -472,8 +586,8 @@ def test_compose_health_and_start_order(compose: dict):
         assert "grpc_health_probe.py" in test and f"--port {port}" in test, f"{name}: {test}"
         assert services[name]["build"]["target"] == name
     depends = services["gateway"]["depends_on"]
-    assert {k: v["condition"] for k, v in depends.items()} == dict.fromkeys(("redis", "encoder", "decoder"),
-                                                                               "service_healthy")
+    assert {k: v["condition"] for k, v in depends.items()} == dict.fromkeys(
+        ("redis-sessions", "redis-features", "encoder", "decoder"), "service_healthy")
 
 
 def test_compose_settings(compose: dict):

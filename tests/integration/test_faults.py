@@ -12,8 +12,9 @@ Decisions these tests pin down:
 - while the encoder is down, text-only turns and images whose features are cached still work;
 - Redis is an optimisation for one-off chats (served without the cache while it is down, paused or
   full) but the store of record for sessions: session calls are UNAVAILABLE while it cannot be read
-  or written, and a session's turns are intact once it is back; after a flush (or a restart of a
-  Redis that persists nothing) sessions are NOT_FOUND and features are recomputed;
+  or written (RESOURCE_EXHAUSTED while it is full), and a session's turns are intact once it is
+  back; after a flush (or a restart of a Redis that persists nothing) sessions are NOT_FOUND and
+  features are recomputed (this stack runs one Redis for both stores, the trial setup);
 - a corrupted cache entry is detected by its checksum, dropped, recomputed and stored again.
 """
 
@@ -233,8 +234,9 @@ def test_redis_full(stack: Stack, gw, r: redis.Redis) -> None:
         assert first.usage.prompt_tokens > 256
         assert gw.Chat(chat_request("Describe.", [image]), timeout=30).text == first.text
         assert feature_keys(r) == before  # nothing could be cached
-        err = expect_error(lambda: new_session(gw), UNAVAILABLE)
-        assert "session store" in err.details()
+        # Full is not down: RESOURCE_EXHAUSTED, and nothing stored was dropped (noeviction).
+        err = expect_error(lambda: new_session(gw), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "session store is full" in err.details()
     finally:
         r.config_set("maxmemory", "0")
     assert new_session(gw)

@@ -33,7 +33,7 @@ IMAGES = {image_id: str(KIT.path(img["file"])) for image_id, img in KIT.images.i
 ENV = {k: v for k, v in os.environ.items() if k not in ("IVL_API_KEY", "IVL_GATEWAY_API_KEYS")}
 ENV.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
 API_KEY = "test-key-0123456789"
-STARTED = re.compile(r"started (\w+) \(pid (\d+)\)")
+STARTED = re.compile(r"started ([\w-]+) \(pid (\d+)\)")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -153,10 +153,14 @@ def test_demo_prints_an_answer_and_leaves_nothing_behind(tmp_path: Path):
     try:
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip(), f"no answer on stdout; stderr:\n{done.stderr}"
-        assert set(pids) == {"redis", "encoder", "decoder", "gateway"}
+        assert set(pids) == {"redis-sessions", "redis-features", "encoder", "decoder", "gateway"}
         assert "gateway ready at 127.0.0.1:" in done.stderr
         assert not wait_gone(pids, timeout_s=5), "children outlived the launcher"
-        assert {p.name for p in run_dir.iterdir()} == {"redis.log", "encoder.log", "decoder.log", "gateway.log"}
+        # Two stores, two policies; the session store's append-only file stays for the next run.
+        assert {p.name for p in run_dir.iterdir()} == {"redis-sessions.log", "redis-features.log", "encoder.log",
+                                                       "decoder.log", "gateway.log", "redis-sessions-data"}
+        assert (run_dir / "redis-sessions-data" / "appendonlydir").is_dir()
+        assert "share one Redis" not in (run_dir / "gateway.log").read_text()
         assert "serving" in (run_dir / "gateway.log").read_text()
     finally:
         kill_leftovers(pids)
@@ -173,7 +177,7 @@ def test_foreground_serves_until_sigterm_then_stops_gateway_first(tmp_path: Path
     demo_answer = run.stdout  # printed before "serving on"
     assert demo_answer.strip()
     pids = started_pids(run.stderr)
-    assert set(pids) == {"redis", "encoder", "decoder", "gateway"}
+    assert set(pids) == {"redis-sessions", "redis-features", "encoder", "decoder", "gateway"}
     assert "-m gateway.client --target" in run.stderr  # how to ask more
 
     # Still serving after the demo: the CLI gets the same (greedy) answer as the demo did.
@@ -196,9 +200,9 @@ def test_foreground_serves_until_sigterm_then_stops_gateway_first(tmp_path: Path
 def test_children_die_with_a_killed_launcher(tmp_path: Path, launcher: list[Launcher]):
     run = Launcher(tmp_path)
     launcher.append(run)
-    run.wait_for(r"started decoder \(pid \d+\)")  # redis, encoder and decoder exist (loading)
+    run.wait_for(r"started decoder \(pid \d+\)")  # both Redis, encoder and decoder exist (loading)
     pids = started_pids(run.stderr)
-    assert set(pids) == {"redis", "encoder", "decoder"}
+    assert set(pids) == {"redis-sessions", "redis-features", "encoder", "decoder"}
     run.proc.kill()  # no chance to clean up: the kernel's parent-death signal must do it
     run.proc.wait()
     assert not wait_gone(pids, timeout_s=30), "children outlived a SIGKILLed launcher"

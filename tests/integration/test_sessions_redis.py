@@ -18,6 +18,7 @@ from gateway.sessions import (
     SessionCorrupted,
     SessionNotFound,
     SessionStore,
+    SessionStoreFull,
     SessionStoreUnavailable,
     SessionTooLarge,
     Turn,
@@ -250,10 +251,28 @@ def test_full_redis_refuses_appends_but_serves_reads_and_deletes(start_redis: Ca
             s = await store.create()
             await store.append_turn(s.session_id, Turn("first", "turn"))
             await make_full(store._redis)
-            with pytest.raises(SessionStoreUnavailable, match="maxmemory"):
+            # Full is its own error (RESOURCE_EXHAUSTED at the gateway), not "unavailable".
+            with pytest.raises(SessionStoreFull, match="maxmemory"):
                 await store.append_turn(s.session_id, Turn("second", "turn"))
+            with pytest.raises(SessionStoreFull, match="nothing was stored"):
+                await store.create()
             got = await store.get(s.session_id)
             assert [t.user for t in got.turns] == ["first"]
             assert await store.delete(s.session_id)  # deleting frees memory, so it must work too
+
+    run(scenario())
+
+
+def test_a_retried_append_is_stored_once(redis_url):
+    """The client retries once on a dropped connection, possibly after Redis ran the append."""
+
+    async def scenario():
+        async with open_store(redis_url) as store:
+            s = await store.create()
+            turn = Turn("question", "answer")
+            assert await store.append_turn(s.session_id, turn) == 1
+            assert await store.append_turn(s.session_id, turn) == 1  # the same call again: a no-op
+            assert await store.append_turn(s.session_id, Turn("question", "answer")) == 2  # a new turn
+            assert len((await store.get(s.session_id)).turns) == 2
 
     run(scenario())

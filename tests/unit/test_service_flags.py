@@ -129,3 +129,35 @@ def test_decoder_rejects_unknown_compile_mode(capsys) -> None:
     with pytest.raises(SystemExit):
         DecoderConfig.from_args(["--model", "/m", "--compile-mode", "fastest"], env={})
     assert "--compile-mode" in capsys.readouterr().err
+
+
+def test_gateway_two_redis_stores_default_to_redis_url() -> None:
+    cfg = _gateway(["--insecure-open", "--redis-url", "redis://:pw@one:6379/0"])
+    assert cfg.session_redis_url == cfg.feature_cache_url == "redis://:pw@one:6379/0"
+    assert cfg.stores_share_instance  # the gateway warns: one eviction policy for both
+    assert "pw" not in cfg.summary()
+    env = {"IVL_SESSION_REDIS_URL": "redis://sessions:6379/0", "IVL_FEATURE_CACHE_URL": "redis://features/0"}
+    cfg = GatewayConfig.from_args(["--insecure-open"], env=env)
+    assert (cfg.session_redis_url, cfg.feature_cache_url) == ("redis://sessions:6379/0", "redis://features/0")
+    assert not cfg.stores_share_instance
+    # Two databases of one server are still one instance (maxmemory-policy is per server).
+    cfg = _gateway(["--insecure-open", "--session-redis-url", "redis://h:6379/1", "--feature-cache-url", "redis://H/2"])
+    assert cfg.stores_share_instance
+
+
+def test_gateway_redis_cluster_urls() -> None:
+    cfg = _gateway(["--insecure-open", "--session-redis-url", "redis+cluster://:pw@node-a:7000",
+                    "--feature-cache-url", "rediss+cluster://node-b:7001/0", "--redis-tls-ca", "/ca.crt"])
+    sessions = redis_client(cfg.client_url(cfg.session_redis_url))
+    features = redis_client(cfg.client_url(cfg.feature_cache_url))
+    assert type(sessions).__name__ == type(features).__name__ == "RedisCluster"
+    assert "ssl_ca_certs=%2Fca.crt" in cfg.client_url(cfg.feature_cache_url)
+    assert "ssl_ca_certs" not in cfg.client_url(cfg.session_redis_url)  # not TLS: no CA
+
+
+@pytest.mark.parametrize("argv", [["--session-redis-url", "http://x:1"], ["--feature-cache-url", "redis+cluster://h/3"],
+                                  ["--feature-cache-url", "redis://"]])
+def test_gateway_bad_redis_urls(argv, capsys) -> None:
+    with pytest.raises(SystemExit):
+        _gateway(["--insecure-open", *argv])
+    assert "redis" in capsys.readouterr().err
