@@ -10,6 +10,7 @@ encoder's own metrics.
 from __future__ import annotations
 
 import base64
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tests.integration.procs import ServiceProcess, free_port
 from tests.integration.stack import model_args
 from tests.media_server import MediaServer
 from tests.redis_server import RedisServer
+from tests.tls_certs import make_pki
 
 KIT = load_kit()
 CASES = KIT.chat_cases
@@ -449,5 +451,41 @@ def test_503_while_peers_are_down(stack, tmp_path):
         assert info.value.status_code == 503 and "language decoder" in info.value.message
         health = httpx.get(f"http://127.0.0.1:{http_port}/health")
         assert health.status_code == 503 and "vision encoder" in health.json()["error"]["message"]
+    finally:
+        gateway.stop()
+
+
+class TlsProcess(ServiceProcess):
+    """A gateway whose start-up health checks go over (mutual) TLS."""
+
+    def __init__(self, module: str, args: list[str], credentials: grpc.ChannelCredentials):
+        super().__init__(module, args)
+        self.credentials = credentials
+
+    def channel(self, options=()) -> grpc.Channel:
+        return grpc.secure_channel(self.address, self.credentials, options=list(options))
+
+
+def test_https_with_the_grpc_servers_certificates_and_client_certificates(stack, tmp_path):
+    """--tls-cert/--tls-key/--tls-ca serve HTTPS too, requiring a client certificate signed by the CA."""
+    pki = make_pki(tmp_path / "pki")
+    http_port = free_port()
+    credentials = grpc.ssl_channel_credentials(pki.ca_bytes, pki.client.key_bytes, pki.client.cert_bytes)
+    gateway = TlsProcess("gateway", [
+        "--encoder", stack.encoder.address, "--decoder", stack.decoder.address, "--redis-url", stack.redis.url,
+        "--insecure-open", "--http-port", str(http_port), "--tls-cert", str(pki.server.cert),
+        "--tls-key", str(pki.server.key), "--tls-ca", str(pki.ca.cert)], credentials).start()
+    try:
+        verify = ssl.create_default_context(cafile=str(pki.ca.cert))
+        verify.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+        with httpx.Client(verify=verify) as http:
+            client = OpenAI(api_key="unused", base_url=f"https://localhost:{http_port}/v1", http_client=http,
+                            max_retries=0)
+            reply = client.chat.completions.create(model=KIT.root.name, messages=[{"role": "user", "content": "Hi"}],
+                                                   max_tokens=3, temperature=0)
+            assert reply.choices[0].message.content is not None
+        anonymous = ssl.create_default_context(cafile=str(pki.ca.cert))  # no client certificate
+        with pytest.raises((httpx.HTTPError, ssl.SSLError, OSError)), httpx.Client(verify=anonymous) as http:
+            http.get(f"https://localhost:{http_port}/health").raise_for_status()
     finally:
         gateway.stop()
