@@ -134,6 +134,10 @@ def create_app(core: ChatCore, config: HttpConfig, *, fetcher: MediaFetcher, api
     async def chat_error(_request: Request, exc: ChatError) -> JSONResponse:
         return chat_error_response(exc)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, _exc: Exception) -> JSONResponse:
+        return chat_error_response(internal_error(f"{request.method} {request.url.path}"))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         down = []

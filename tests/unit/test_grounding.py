@@ -66,3 +66,25 @@ def test_boxes_map_to_the_pixels_of_a_real_image(image_id):
 
 def test_not_an_image_has_no_size():
     assert image_size(b"not an image") is None
+
+
+def test_boxes_on_the_final_grpc_message_and_the_http_message():
+    from gateway.core import ChatEvent, Completion, TurnEnd, Usage
+    from gateway.openai_api import completion_json
+    from gateway.servicer import stream_response, unary_response
+
+    text = "<ref>cat</ref><box>[[100, 200, 300, 400]]</box>"
+    end = TurnEnd("stop", Usage(10, 5, 0), tuple(parse_boxes(text, [ImageSize(1000, 500)])))
+    unary = unary_response(Completion(text, end), "")
+    assert unary.text == text  # the text stays upstream's
+    (box,) = unary.boxes
+    assert (box.label, box.image_index, box.x1, box.y1, box.x2, box.y2, box.normalized) == \
+        ("cat", 0, 100.0, 100.0, 300.0, 200.0, False)
+    assert stream_response(ChatEvent("x"), "").boxes == []  # deltas carry none
+    assert len(stream_response(ChatEvent("", end), "").boxes) == 1
+    normalised = TurnEnd("stop", Usage(), tuple(parse_boxes(text, [])))
+    assert not unary_response(Completion(text, normalised), "").boxes[0].HasField("image_index")
+    message = completion_json("id", "m", 0, [(text, end)])["choices"][0]["message"]
+    assert message["content"] == text
+    assert message["boxes"] == [{"label": "cat", "image_index": 0, "box": [100.0, 100.0, 300.0, 200.0],
+                                 "normalized": False}]
