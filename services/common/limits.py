@@ -36,19 +36,17 @@ def resolve_tiling(
     default_use_thumbnail: bool,
 ) -> Tiling:
     """The tiling a request asks for, 0 / None meaning the default; ValueError says what to fix."""
-    if max_tiles and not 1 <= max_tiles <= MAX_TILES_LIMIT:
-        raise ValueError(f"tiling.max_tiles must be 0 (default {default_max_tiles}) or in [1, {MAX_TILES_LIMIT}], "
-                         f"got {max_tiles}")
     resolved_max = max_tiles or default_max_tiles
-    if min_tiles and not 1 <= min_tiles <= resolved_max:
-        raise ValueError(f"tiling.min_tiles must be 0 (default 1) or in [1, max_tiles={resolved_max}], "
-                         f"got {min_tiles}")
+    if not (0 <= max_tiles <= MAX_TILES_LIMIT and 0 <= min_tiles <= resolved_max):
+        raise ValueError(f"tiling: need 1 <= min_tiles <= max_tiles <= {MAX_TILES_LIMIT}, i.e. max_tiles in "
+                         f"[1, {MAX_TILES_LIMIT}] (0 = the default {default_max_tiles}) and min_tiles in "
+                         f"[1, max_tiles] (0 = 1); got min_tiles={min_tiles}, max_tiles={max_tiles}")
     return Tiling(resolved_max, min_tiles or 1, default_use_thumbnail if use_thumbnail is None else use_thumbnail)
 
 
 def video_segments_problem(num_segments: int) -> str | None:
     if not 0 <= num_segments <= MAX_VIDEO_SEGMENTS:
-        return (f"video.num_segments must be 0 (default {DEFAULT_VIDEO_SEGMENTS}) or in [1, {MAX_VIDEO_SEGMENTS}], "
+        return (f"video.num_segments must be in 1..{MAX_VIDEO_SEGMENTS} (0 = the default {DEFAULT_VIDEO_SEGMENTS}), "
                 f"got {num_segments}")
     return None
 

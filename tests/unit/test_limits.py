@@ -13,10 +13,11 @@ def test_defaults_fill_unset_values():
 
 
 @pytest.mark.parametrize(("max_tiles", "min_tiles", "problem"), [
-    (MAX_TILES_LIMIT + 1, 0, f"tiling.max_tiles must be 0 (default 12) or in [1, {MAX_TILES_LIMIT}]"),
-    (-1, 0, "tiling.max_tiles"),
-    (4, 5, "tiling.min_tiles must be 0 (default 1) or in [1, max_tiles=4]"),
-    (0, 13, "max_tiles=12"),  # the bound is the resolved maximum
+    (MAX_TILES_LIMIT + 1, 0, f"max_tiles in [1, {MAX_TILES_LIMIT}] (0 = the default 12)"),
+    (-1, 0, "got min_tiles=0, max_tiles=-1"),
+    (4, 5, "need 1 <= min_tiles <= max_tiles"),
+    (0, 13, "got min_tiles=13, max_tiles=0"),  # the bound is the resolved maximum (12)
+    (0, -1, "min_tiles in [1, max_tiles] (0 = 1)"),
 ])
 def test_out_of_range(max_tiles, min_tiles, problem):
     with pytest.raises(ValueError) as info:
