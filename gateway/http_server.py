@@ -211,7 +211,7 @@ def create_app(core: ChatCore, config: HttpConfig, *, fetcher: MediaFetcher, api
             body_iter = _sse(streams, firsts, completion_id, name, created, include_usage)
             return StreamingResponse(body_iter, media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
-        results = await _unless_disconnected(request, asyncio.gather(*(core.complete(i, ctx) for i in inputs)))
+        results = await _unless_disconnected(request, _all_or_none([core.complete(i, ctx) for i in inputs]))
         return JSONResponse(completion_json(completion_id, name, created, [(r.text, r.end) for r in results]))
 
     return app
@@ -362,6 +362,16 @@ async def _sse(streams, firsts, completion_id: str, model: str, created: int,
         for s in streams:
             with contextlib.suppress(Exception):
                 await s.aclose()
+
+
+async def _all_or_none(coros: list[Awaitable]) -> list:
+    """Every result; when one fails the others are cancelled (no generation runs for nobody)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def _unless_disconnected(request: Request, work: Awaitable):

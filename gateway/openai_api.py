@@ -9,8 +9,9 @@ they go in front exactly as the gRPC API puts them, so the prompt is the same. E
 their images, rendered as upstream renders history; their features come from the shared cache.
 
 Sampling: `temperature` 0 or absent is greedy (upstream `chat()`'s default), > 0 samples; `top_p`,
-`top_k`, `repetition_penalty`, `seed`, `stop`, `max_tokens` / `max_completion_tokens` as usual. A
-field the server does not honour is refused with its name, never silently ignored.
+`top_k`, `repetition_penalty`, `seed`, `stop`, `max_tokens` / `max_completion_tokens` as usual; `n`
+choices run side by side (with a `seed`, choice i uses seed + i, so choices differ yet repeat). A field
+the server does not honour is refused with its name, never silently ignored.
 """
 
 from __future__ import annotations
