@@ -407,7 +407,8 @@ class ChatCore:
             raise bad(f"the system message is longer than {cfg.max_text_bytes} bytes")
         problem = request.sampling.problem()
         if problem:
-            raise bad(problem, problem.split(" ", 1)[0])
+            fields = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "stop")
+            raise bad(problem, next((f for f in fields if problem.startswith(f) or f"{f} " in problem), None))
 
     @staticmethod
     def _question(turn: UserTurn) -> str:
