@@ -210,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
         u = last.usage
         print(f"finish: {reason}; tokens: prompt {u.prompt_tokens} (cached {u.cached_prompt_tokens}), "
               f"completion {u.completion_tokens}", file=sys.stderr)
+    for box in last.boxes if last is not None else ():  # grounding answers, parsed by the gateway
+        unit = "px" if box.HasField("image_index") else "fraction"
+        print(f"box: {box.label!r} [{box.x1:g}, {box.y1:g}, {box.x2:g}, {box.y2:g}] ({unit})", file=sys.stderr)
     return 0
 
 
