@@ -6,7 +6,7 @@ those bytes over every hop they take in production, with no model anywhere (tran
 - raw socket: `sendall` into a peer process that `recv_into`s a preallocated buffer and acks (the floor);
 - encoder -> gateway: a minimal aio `VisionEncoder.Encode` server (own process, the shared `GrpcServer`
   bootstrap) streams the same header + `DEFAULT_CHUNK_BYTES` chunks the real servicer sends, received
-  and reassembled by the real `gateway.clients.EncoderClient.encode`;
+  and reassembled by the real `gateway.peers.EncoderClient.encode`;
 - gateway -> decoder: the real `DecoderClient.generate` streams setup + chunks to a minimal aio
   `LanguageDecoder.Generate` server that reassembles them with `Reassembler` as the real servicer does
   and answers one `GenerateResponse`;
@@ -53,17 +53,17 @@ import grpc  # noqa: E402
 import redis  # noqa: E402
 import redis.utils  # noqa: E402
 
-from gateway.clients import DecoderClient, EncoderClient  # noqa: E402
 from gateway.feature_cache import (  # noqa: E402
     Entry,
     FeatureCache,
     FeatureCacheConfig,
-    content_hash,
     decode_entry,
     encode_entry,
     feature_key_for_hash,
+    file_sha256,
     redis_client,
 )
+from gateway.peers import DecoderClient, EncoderClient  # noqa: E402
 from internvl.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2, vision_pb2, vision_pb2_grpc  # noqa: E402
 from services.common.server import GrpcServer, ServerConfig, Service  # noqa: E402
 from services.common.wire import DEFAULT_CHUNK_BYTES, Reassembler, iter_chunks, make_header  # noqa: E402
@@ -323,7 +323,7 @@ def _encode_request() -> vision_pb2.EncodeRequest:
 def _setup(entry: Entry, request_id: str) -> decoder_pb2.GenerateSetup:
     return decoder_pb2.GenerateSetup(
         conversation=decoder_pb2.Conversation(question="<image>\nDescribe the image."),
-        images=[decoder_pb2.ImageDescriptor(num_tiles=entry.num_tiles, content_hash="0" * 64,
+        images=[decoder_pb2.ImageDescriptor(num_tiles=entry.num_tiles, feature_key="0" * 64,
                                             tensor=entry.tensor_header())],
         request_id=request_id,
     )
@@ -384,7 +384,7 @@ async def redis_ops(payload: bytes, shape: Sequence[int], workdir: Path | None =
     """FeatureCache.put/get (codec + checksum included) against raw SET/GET and the codec alone."""
     n = len(payload)
     entry = Entry(DTYPE, tuple(shape), payload)
-    key = feature_key_for_hash(content_hash(payload), max_tiles=12, min_tiles=1, use_thumbnail=True,
+    key = feature_key_for_hash(file_sha256(payload), max_tiles=12, min_tiles=1, use_thumbnail=True,
                                image_size=448, model_fingerprint="bench")
     raw_key = key + ":raw"
     encoded = encode_entry(entry)

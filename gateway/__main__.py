@@ -1,9 +1,11 @@
-"""`python -m gateway`: the public gRPC API in front of the encoder and decoder replicas.
+"""`python -m gateway`: the public gRPC API and the OpenAI-compatible HTTP API in front of the encoder
+and decoder replicas, both thin fronts over one turn core (gateway/core.py) in one event loop.
 
-Every call but health and reflection needs `authorization: Bearer <key>` (see gateway/config.py),
-unless the gateway was started with `--insecure-open`. Prometheus metrics (RPCs, `ivl_gateway_*`
-feature cache) are on `--metrics-port` (default 9101). SIGTERM drains in-flight calls for
-`--grace-seconds` and exits 0.
+Every call but health, reflection and the HTTP API's docs needs `authorization: Bearer <key>` (see
+gateway/config.py), unless the gateway was started with `--insecure-open`. The HTTP API listens on
+`--http-port` (default 8000; 0 = off) with the gRPC server's TLS certificates. Prometheus metrics
+(RPCs, `ivl_gateway_*` feature cache) are on `--metrics-port` (default 9101). SIGTERM drains
+in-flight calls for `--grace-seconds` and exits 0.
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ from __future__ import annotations
 import logging
 import sys
 
-from gateway.clients import DecoderClient, EncoderClient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from gateway.config import GatewayConfig
+from gateway.core import ChatCore
 from gateway.feature_cache import FeatureCache
+from gateway.http_server import HttpServer, create_app
+from gateway.media import MediaFetcher
+from gateway.peers import DecoderClient, EncoderClient
 from gateway.redis_connect import prepare, redis_client
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
@@ -25,6 +32,18 @@ from services.common.security import ApiKeys, SecurityConfigError, redact_url
 from services.common.server import GrpcServer, Service, run_process, serve_until_signal
 
 log = logging.getLogger("gateway")
+PROBE_TIMEOUT_S = 2.0
+
+
+def _grpc_probe(channel):
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    async def probe() -> None:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError("not serving")
+
+    return probe
 
 
 async def run(config: GatewayConfig) -> None:
@@ -47,22 +66,38 @@ async def run(config: GatewayConfig) -> None:
     problem = await sessions.policy_problem()
     if problem:
         log.warning("session store %s: %s", redact_url(config.session_redis_url), problem)
-    servicer = GatewayServicer(config, encoder, decoder, cache, sessions)
+    core = ChatCore(config, encoder, decoder, cache, sessions)
+    fetcher = MediaFetcher(config.http.media)
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     if config.insecure_open:
         log.warning("--insecure-open: serving WITHOUT authentication; anyone who reaches %s can use the model",
                     config.server.address)
-        auth = []
+        keys = None
     else:
-        auth = [ApiKeyInterceptor(ApiKeys(config.api_keys))]
-    server = GrpcServer(config.server, [Service(name, gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)],
-                        interceptors=auth, collectors=[FeatureCacheCollector(lambda: cache)])
+        keys = ApiKeys(config.api_keys)
+    server = GrpcServer(config.server, [Service(name, gateway_pb2_grpc.add_GatewayServicer_to_server,
+                                                GatewayServicer(core))],
+                        interceptors=[ApiKeyInterceptor(keys)] if keys else [],
+                        collectors=[FeatureCacheCollector(lambda: cache)])
+    http = None
+    if config.http.port:
+        probes = [("vision encoder", _grpc_probe(encoder.channel)), ("language decoder", _grpc_probe(decoder.channel)),
+                  ("session store", session_redis.ping)]  # not the feature cache: without it requests still work
+        http = HttpServer(create_app(core, config.http, fetcher=fetcher, api_keys=keys, probes=probes), config)
+
+    async def start_http() -> None:
+        if http is not None:
+            await http.start()
+
     try:
-        await serve_until_signal(server)
+        await serve_until_signal(server, start_http)
     except BaseException:
         await server.stop(now=True)
         raise
     finally:
+        if http is not None:
+            await http.stop()
+        await fetcher.close()
         await encoder.close()
         await decoder.close()
         await session_redis.aclose()

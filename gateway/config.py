@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gateway.feature_cache import FeatureCacheConfig
+from gateway.media import MediaFetchConfig, parse_domains
 from gateway.redis_connect import check_url, instance_address
 from gateway.sessions import SessionConfig
 from services.common.flags import EnvFlags
@@ -35,6 +36,20 @@ from services.common.server import ServerConfig
 ENV_PREFIX = "IVL_GATEWAY_"
 API_KEYS_ENV = "IVL_GATEWAY_API_KEYS"
 DEFAULT_METRICS_PORT = 9101
+DEFAULT_HTTP_PORT = 8000
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP API (gateway/http_server.py); TLS and API keys are the gRPC server's."""
+
+    port: int = DEFAULT_HTTP_PORT  # 0 = no HTTP server
+    host: str = ""  # "" = the gRPC host
+    served_model_name: str = ""  # "" = the decoder's checkpoint name (e.g. InternVL2-8B)
+    max_choices: int = 8  # bound on a request's `n`
+    max_body_bytes: int = 96 * MiB  # a request's JSON, base64 media included
+    media: MediaFetchConfig = MediaFetchConfig()
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,7 @@ class GatewayConfig:
     log_format: str = "text"
     session_redis_url: str = ""  # "" = redis_url
     feature_cache_url: str = ""  # "" = redis_url
+    http: HttpConfig = HttpConfig()
 
     def __post_init__(self) -> None:
         if self.api_keys and self.insecure_open:
@@ -100,9 +116,11 @@ class GatewayConfig:
         tls = self.server.tls
         server_tls = "off" if tls is None else ("mutual" if tls.mutual else "on")
         peer_tls = "off" if self.peer_tls is None else ("mutual" if self.peer_tls.cert else "on")
-        return (f"{self.server.address} auth={auth} tls={server_tls} encoder={self.encoder_target} "
-                f"decoder={self.decoder_target} peer_tls={peer_tls} sessions={redact_url(self.session_redis_url)} "
-                f"features={redact_url(self.feature_cache_url)}")
+        http = f"http=:{self.http.port}" if self.http.port else "http=off"
+        media = ",".join(self.http.media.allowed_domains) or "off"
+        return (f"{self.server.address} {http} media_urls={media} auth={auth} tls={server_tls} "
+                f"encoder={self.encoder_target} decoder={self.decoder_target} peer_tls={peer_tls} "
+                f"sessions={redact_url(self.session_redis_url)} features={redact_url(self.feature_cache_url)}")
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -147,6 +165,18 @@ class GatewayConfig:
         flags.add("--log-level", str, "logging level", default="INFO")
         flags.add("--log-format", str, "log lines as text or JSON (one object per line)", default="text",
                   choices=LOG_FORMATS)
+        flags.add("--http-port", int, f"OpenAI-compatible HTTP API port (0 = off; default {DEFAULT_HTTP_PORT})",
+                  default=DEFAULT_HTTP_PORT)
+        flags.add("--http-host", str, "HTTP bind address (default: the same as --host)", default="")
+        flags.add("--served-model-name", str, "model id of the HTTP API (default: the checkpoint directory's "
+                  "name, from the decoder)", default="")
+        flags.add("--max-choices", int, "largest `n` (choices per HTTP request)", default=8)
+        flags.add("--allowed-media-domains", str, "hosts whose http(s) image/video URLs the HTTP API fetches, "
+                  "comma-separated (.example.com = its subdomains too); empty = no URL fetching", default="")
+        flags.add_switch("--allow-private-media-addresses", "let media URLs resolve to private and loopback "
+                         "addresses (an internal image store); link-local and multicast stay refused")
+        flags.add("--media-fetch-timeout", float, "seconds one media URL may take, redirects included",
+                  default=10.0)
         a = p.parse_args(argv)
         try:
             keys = load_api_keys(a.api_keys_file, get(API_KEYS_ENV, ""))
@@ -155,6 +185,12 @@ class GatewayConfig:
                                  "to serve without authentication (local use only)")
             if not 0 <= a.metrics_port <= 65535:
                 raise ValueError("--metrics-port must be in [0, 65535]")
+            if not 0 <= a.http_port <= 65535:
+                raise ValueError("--http-port must be in [0, 65535]")
+            if a.max_choices < 1:
+                raise ValueError("--max-choices must be >= 1")
+            if a.media_fetch_timeout <= 0:
+                raise ValueError("--media-fetch-timeout must be > 0")
             return cls(
                 server=ServerConfig(host=a.host, port=a.port, grace_seconds=a.grace,
                                     tls=ServerTls.from_flags(a.tls_cert, a.tls_key, a.tls_ca),
@@ -173,6 +209,13 @@ class GatewayConfig:
                 redis_tls_ca=a.redis_tls_ca,
                 log_level=a.log_level,
                 log_format=a.log_format,
+                http=HttpConfig(
+                    port=a.http_port, host=a.http_host, served_model_name=a.served_model_name,
+                    max_choices=a.max_choices,
+                    media=MediaFetchConfig(allowed_domains=parse_domains(a.allowed_media_domains),
+                                           allow_private_addresses=a.allow_private_media_addresses,
+                                           timeout_s=a.media_fetch_timeout),
+                ),
             )
         except ValueError as exc:  # SecurityConfigError included
             p.error(str(exc))

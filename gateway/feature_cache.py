@@ -50,7 +50,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Keys
 
 
-def content_hash(data: bytes | bytearray | memoryview) -> str:
+def file_sha256(data: bytes | bytearray | memoryview) -> str:
     """sha256 hex of raw input bytes: the identity of an image (or video) file everywhere."""
     return hashlib.sha256(data).hexdigest()
 
@@ -100,7 +100,7 @@ def feature_key(
 ) -> str:
     """`ivl:feat:v1:<sha256>` over the image bytes, its preprocessing settings and the model."""
     return feature_key_for_hash(
-        content_hash(image_bytes), max_tiles=max_tiles, min_tiles=min_tiles, use_thumbnail=use_thumbnail,
+        file_sha256(image_bytes), max_tiles=max_tiles, min_tiles=min_tiles, use_thumbnail=use_thumbnail,
         image_size=image_size, model_fingerprint=model_fingerprint,
     )
 
@@ -134,7 +134,7 @@ def video_frame_key(
 ) -> str:
     """`video_frame_key_for_hash` over the video's bytes (prefer hashing once for all frames)."""
     return video_frame_key_for_hash(
-        content_hash(video_bytes), frame_index=frame_index, num_segments=num_segments,
+        file_sha256(video_bytes), frame_index=frame_index, num_segments=num_segments,
         start_seconds=start_seconds, end_seconds=end_seconds, max_tiles=max_tiles, min_tiles=min_tiles,
         use_thumbnail=use_thumbnail, image_size=image_size, model_fingerprint=model_fingerprint,
     )

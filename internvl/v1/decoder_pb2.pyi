@@ -58,14 +58,14 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ImageDescriptor(_message.Message):
-    __slots__ = ("num_tiles", "content_hash", "tensor")
+    __slots__ = ("num_tiles", "feature_key", "tensor")
     NUM_TILES_FIELD_NUMBER: _ClassVar[int]
-    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_KEY_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     num_tiles: int
-    content_hash: str
+    feature_key: str
     tensor: _tensor_pb2.TensorHeader
-    def __init__(self, num_tiles: _Optional[int] = ..., content_hash: _Optional[str] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ...) -> None: ...
+    def __init__(self, num_tiles: _Optional[int] = ..., feature_key: _Optional[str] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ...) -> None: ...
 
 class GenerateSetup(_message.Message):
     __slots__ = ("conversation", "sampling", "images", "request_id")
@@ -114,15 +114,17 @@ class DecoderInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DecoderInfo(_message.Message):
-    __slots__ = ("fingerprint", "hidden_size", "tokens_per_tile", "max_context", "dtype")
+    __slots__ = ("fingerprint", "hidden_size", "tokens_per_tile", "max_context", "dtype", "model_name")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     hidden_size: int
     tokens_per_tile: int
     max_context: int
     dtype: _tensor_pb2.DType
-    def __init__(self, fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+    model_name: str
+    def __init__(self, fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., model_name: _Optional[str] = ...) -> None: ...

@@ -34,29 +34,51 @@ class ChatRequest(_message.Message):
     generation: _decoder_pb2.SamplingParams
     def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_vision_pb2.ImageInput, _Mapping]]] = ..., video: _Optional[_Union[_vision_pb2.VideoInput, _Mapping]] = ..., image_layout: _Optional[_Union[ImageLayout, str]] = ..., tiling: _Optional[_Union[_vision_pb2.TilingOptions, _Mapping]] = ..., generation: _Optional[_Union[_decoder_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
+class GroundingBox(_message.Message):
+    __slots__ = ("label", "image_index", "x1", "y1", "x2", "y2", "normalized")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    image_index: int
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    normalized: bool
+    def __init__(self, label: _Optional[str] = ..., image_index: _Optional[int] = ..., x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ..., normalized: _Optional[bool] = ...) -> None: ...
+
 class ChatResponse(_message.Message):
-    __slots__ = ("text", "finish_reason", "usage", "session_id")
+    __slots__ = ("text", "finish_reason", "usage", "session_id", "boxes")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _decoder_pb2.FinishReason
     usage: _decoder_pb2.Usage
     session_id: str
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_decoder_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_decoder_pb2.Usage, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    boxes: _containers.RepeatedCompositeFieldContainer[GroundingBox]
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_decoder_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_decoder_pb2.Usage, _Mapping]] = ..., session_id: _Optional[str] = ..., boxes: _Optional[_Iterable[_Union[GroundingBox, _Mapping]]] = ...) -> None: ...
 
 class ChatStreamResponse(_message.Message):
-    __slots__ = ("text", "finish_reason", "usage", "session_id")
+    __slots__ = ("text", "finish_reason", "usage", "session_id", "boxes")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _decoder_pb2.FinishReason
     usage: _decoder_pb2.Usage
     session_id: str
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_decoder_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_decoder_pb2.Usage, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    boxes: _containers.RepeatedCompositeFieldContainer[GroundingBox]
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_decoder_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_decoder_pb2.Usage, _Mapping]] = ..., session_id: _Optional[str] = ..., boxes: _Optional[_Iterable[_Union[GroundingBox, _Mapping]]] = ...) -> None: ...
 
 class BatchChatRequest(_message.Message):
     __slots__ = ("requests",)

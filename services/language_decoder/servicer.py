@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import grpc
 import torch
@@ -27,6 +27,7 @@ import torch
 from internvl.v1 import decoder_pb2, decoder_pb2_grpc
 from services.common.checkpoint import parse_dtype, resolve_model_dir
 from services.common.fingerprint import model_fingerprint
+from services.common.limits import MAX_STOP_TOKEN_IDS, proto_sampling_problem
 from services.common.model_config import InternVLConfig
 from services.common.tensors import TORCH_TO_WIRE, WIRE_TO_TORCH, tensor_from_wire
 from services.common.wire import DTYPE_NAMES, Reassembler, WireError
@@ -58,9 +59,6 @@ SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["LanguageDecoder"].full_n
 FINISH_REASONS = {"stop": decoder_pb2.FINISH_REASON_STOP, "length": decoder_pb2.FINISH_REASON_LENGTH}
 # A client may retry this soon: the queue drains at decode speed.
 RETRY_AFTER_MS = "1000"
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
-MAX_STOP_TOKEN_IDS = 64
 
 
 class BadRequest(ValueError):
@@ -157,6 +155,7 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
             tokens_per_tile=rt.model_config.num_image_token,
             max_context=rt.max_model_len,
             dtype=TORCH_TO_WIRE[rt.dtype],
+            model_name=PurePath(self.config.model.rstrip("/")).name,
         )
 
     async def Generate(self, request_iterator, context) -> AsyncIterator[decoder_pb2.GenerateResponse]:
@@ -245,7 +244,7 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
             image_embeds=embeds,
             image_spans=spans,
             # Without hashes from the caller the engine hashes the embedding bytes itself.
-            image_hashes=[d.content_hash for d in images] if all(d.content_hash for d in images) else (),
+            image_hashes=[d.feature_key for d in images] if all(d.feature_key for d in images) else (),
         )
 
     def _sampling(self, rt: DecoderRuntime, p: decoder_pb2.SamplingParams) -> SamplingParams:
@@ -255,15 +254,13 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
             raise BadRequest(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(p.stop_token_ids)}")
         if any(not 0 <= t < vocab for t in p.stop_token_ids):
             raise BadRequest(f"stop_token_ids must be in [0, {vocab})")
-        if len(p.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in p.stop):
-            raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_STRING_CHARS} characters")
         if not 0 <= p.max_new_tokens <= rt.max_model_len:
             raise BadRequest(f"max_new_tokens must be in [0, {rt.max_model_len}] (0 = the server default "
                              f"{self.config.default_max_new_tokens}; the context holds prompt + answer), "
                              f"got {p.max_new_tokens}")
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            if p.HasField(name) and not math.isfinite(getattr(p, name)):
-                raise BadRequest(f"{name} must be a finite number, got {getattr(p, name)}")
+        problem = proto_sampling_problem(p)
+        if problem:
+            raise BadRequest(problem)
         try:
             return SamplingParams(
                 max_new_tokens=min(p.max_new_tokens or self.config.default_max_new_tokens, rt.max_model_len),

@@ -16,7 +16,7 @@ gateway address and then either
 
 - serves in the foreground until Ctrl-C or SIGTERM, then stops the children in order: gateway
   first (no new requests), then decoder and encoder, then the two Redis; or
-- with `--demo`, sends one chat with the client CLI (`python -m gateway.client`, answer streamed to
+- with `--demo`, sends one chat with the client CLI (`python -m gateway.cli`, answer streamed to
   stdout) and stops everything; with `--demo --keep-serving` it stays up after the demo instead.
 
 The gateway is open (no API key) when it listens on loopback only, the default; `--api-keys-file`
@@ -60,7 +60,7 @@ REDIS_SERVER_ENV = "REDIS_SERVER"
 REDIS_CONF_DIR = REPO_ROOT / "deploy" / "k8s" / "redis"  # the same files compose and Kubernetes run
 SESSIONS_DATA = "redis-sessions-data"
 API_KEYS_ENV = "IVL_GATEWAY_API_KEYS"  # the gateway's own; its first key is the demo's
-CLIENT_KEY_ENV = "IVL_API_KEY"  # what gateway.client sends
+CLIENT_KEY_ENV = "IVL_API_KEY"  # what gateway.cli sends
 LOOPBACK_HOSTS = ("localhost", "::1", "ip6-localhost")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -86,6 +86,18 @@ class LaunchError(RuntimeError):
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM while starting."""
+
+
+def port_or_free(host: str, port: int) -> int:
+    """`port` if nothing listens there now, else a free one (0 = a free one)."""
+    if port:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+                return port
+            except OSError:
+                pass
+    return free_port("127.0.0.1" if host in ("0.0.0.0", "localhost") else host)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -178,6 +190,7 @@ class Stack:
         # store name ("sessions", "features") -> URL; both the given --redis-url, or our own servers'
         self.redis_urls: dict[str, str] = dict.fromkeys(("sessions", "features"), args.redis_url or "")
         self.redis_dir: str | None = None  # the feature cache's throwaway directory
+        self.http_port = 0  # the gateway's HTTP API (0 = none)
         self.signals = 0
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -228,9 +241,11 @@ class Stack:
             self.launch([decoder])
         else:
             self.launch([encoder, decoder])
+        self.http_port = 0 if a.http_port < 0 else port_or_free(a.host, a.http_port)
         gateway = Child("gateway", [py, "-m", "gateway", "--host", a.host, "--encoder", encoder.address,
                                     "--decoder", decoder.address, "--session-redis-url", self.redis_urls["sessions"],
                                     "--feature-cache-url", self.redis_urls["features"],
+                                    "--http-port", str(self.http_port),
                                     *self.auth_args(), *metrics, *shlex.split(a.gateway_args)],
                         self.run_dir / "gateway.log", a.port, host=a.host)
         self.launch([gateway])
@@ -403,7 +418,7 @@ def ensure_tiny_checkpoint(out: Path, env: dict[str, str]) -> Path:
 
 
 def demo_command(target: str, args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "gateway.client", "--target", target, "--max-new-tokens",
+    cmd = [sys.executable, "-m", "gateway.cli", "--target", target, "--max-new-tokens",
            str(args.demo_max_new_tokens)]
     image = args.demo_image
     if image is None and DEMO_IMAGE.is_file():
@@ -455,6 +470,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="compute dtype of both model services (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address (0.0.0.0 to serve beyond this machine)")
     p.add_argument("--port", type=int, default=50051, help="gateway port (0 = a free one)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the gateway's OpenAI-compatible HTTP port (a free one when taken; -1 = no HTTP API)")
     p.add_argument("--encoder-port", type=int, default=0, help="encoder port on 127.0.0.1 (0 = a free one)")
     p.add_argument("--decoder-port", type=int, default=0, help="decoder port on 127.0.0.1 (0 = a free one)")
     p.add_argument("--api-keys-file", type=Path,
@@ -519,6 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = stack.start(model)
         auth = "API keys required" if first_api_key(args) else "open: no API key"
         say(f"gateway ready at {target} ({auth}; model {model}; logs in {args.run_dir}/)")
+        if stack.http_port:
+            host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            say(f"OpenAI-compatible HTTP API at http://{host}:{stack.http_port}/v1 (model id: "
+                f"{Path(model.rstrip('/')).name})")
         if args.demo:
             demo = demo_command(target, args)
             say(f"demo: {shlex.join([_python_for_humans(), *demo[1:]])}")
@@ -531,8 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if first_api_key(args):
                 key_note = f"  (the gateway wants an API key: export {CLIENT_KEY_ENV}=<one of its keys> first)\n"
             say(f"serving on {target}; ask more questions with:\n{key_note}"
-                f"  {py} -m gateway.client --target {target} --image photo.jpg \"What is in the picture?\"\n"
-                f"  {py} -m gateway.client --target {target} --new-session \"Hello\"   # then --session ID\n"
+                f"  {py} -m gateway.cli --target {target} --image photo.jpg \"What is in the picture?\"\n"
+                f"  {py} -m gateway.cli --target {target} --new-session \"Hello\"   # then --session ID\n"
                 f"Ctrl-C stops everything.")
             stack.watch()
     except Interrupted:

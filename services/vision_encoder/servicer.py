@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from internvl.v1 import tensor_pb2, vision_pb2, vision_pb2_grpc
 from services.common.checkpoint import parse_dtype, resolve_model_dir
 from services.common.fingerprint import model_fingerprint
+from services.common.limits import DEFAULT_VIDEO_MAX_TILES, resolve_tiling
 from services.common.model_config import InternVLConfig
 from services.common.tensors import TORCH_TO_WIRE, tensor_to_wire
 from services.common.wire import DTYPE_NAMES, ITEMSIZE, iter_chunks
@@ -53,9 +54,6 @@ from services.vision_encoder.preprocess import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
-# Upstream InternVL2 evaluates with up to 40 tiles (max_num=40 in some benchmarks); more is a mistake.
-MAX_TILES_LIMIT = 40
-DEFAULT_VIDEO_MAX_TILES = 1  # upstream load_video(max_num=1): one tile per frame
 # get_index's own defaults for an open bound (seconds).
 _OPEN_START, _OPEN_END = -100000.0, 100000.0
 # Pillow formats accepted (Image.open(formats=...)): the common ones, nothing that shells out (EPS)
@@ -294,25 +292,16 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
 
     @staticmethod
     def _tiling(opts: vision_pb2.TilingOptions, mc: InternVLConfig, *, video: bool) -> TilingConfig:
-        default_max = DEFAULT_VIDEO_MAX_TILES if video else mc.max_dynamic_patch
-        if opts.max_tiles and not 1 <= opts.max_tiles <= MAX_TILES_LIMIT:
-            raise InvalidInput(
-                f"tiling.max_tiles must be 0 (default {default_max}) or in [1, {MAX_TILES_LIMIT}], "
-                f"got {opts.max_tiles}"
+        try:
+            tiling = resolve_tiling(
+                opts.max_tiles, opts.min_tiles, opts.use_thumbnail if opts.HasField("use_thumbnail") else None,
+                default_max_tiles=DEFAULT_VIDEO_MAX_TILES if video else mc.max_dynamic_patch,
+                default_use_thumbnail=mc.use_thumbnail,
             )
-        max_tiles = opts.max_tiles or default_max
-        if opts.min_tiles and not 1 <= opts.min_tiles <= max_tiles:
-            raise InvalidInput(
-                f"tiling.min_tiles must be 0 (default 1) or in [1, max_tiles={max_tiles}], "
-                f"got {opts.min_tiles}"
-            )
-        use_thumbnail = opts.use_thumbnail if opts.HasField("use_thumbnail") else mc.use_thumbnail
-        return TilingConfig(
-            image_size=mc.image_size,
-            min_num=opts.min_tiles or 1,
-            max_num=max_tiles,
-            use_thumbnail=use_thumbnail,
-        )
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+        return TilingConfig(image_size=mc.image_size, min_num=tiling.min_tiles, max_num=tiling.max_tiles,
+                            use_thumbnail=tiling.use_thumbnail)
 
 
 def _video_bound(video: vision_pb2.VideoInput) -> tuple[float, float] | None:

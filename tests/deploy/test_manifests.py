@@ -685,7 +685,7 @@ class OnlyGatewayRequirements(importlib.abc.MetaPathFinder):
         if owners and not owners & allowed:
             raise ModuleNotFoundError(f"{top} is not in the gateway image", name=name)
 sys.meta_path.insert(0, OnlyGatewayRequirements())
-import gateway.__main__, gateway.client, gateway.config
+import gateway.__main__, gateway.cli, gateway.config
 sys.argv = ["gateway", "--help"]
 try:
     runpy.run_module("gateway", run_name="__main__")

@@ -145,9 +145,10 @@ class ServiceProcess:
         # A file, not a pipe: a chatty child can never block on a full pipe nobody reads. It lives as
         # long as the process, so no `with`; stop() closes (and deletes) it.
         self._output_file = tempfile.NamedTemporaryFile(prefix=f"{self.module}-", suffix=".log")  # noqa: SIM115
-        # Metrics off unless a test asks: parallel test processes must not race for 9101-9103.
+        # Metrics and the gateway's HTTP API off unless a test asks: parallel test processes must not
+        # race for 9101-9103 and 8000.
         metrics_off = {f"IVL_{svc}_METRICS_PORT": "0" for svc in ("ENCODER", "DECODER", "GATEWAY")}
-        env = {**os.environ, **metrics_off, "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**os.environ, **metrics_off, "IVL_GATEWAY_HTTP_PORT": "0", "PYTHONUNBUFFERED": "1", **self.env}
         args = [*self.args, "--port", str(port)]
         if self.host != "127.0.0.1":
             args += ["--host", self.host]

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from gateway.clients import DecoderClient, EncoderClient
 from gateway.config import GatewayConfig
+from gateway.core import ChatCore
 from gateway.feature_cache import FeatureCache, redis_client
+from gateway.peers import DecoderClient, EncoderClient
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
 from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc
@@ -70,8 +71,8 @@ class Gateway:
         self.encoder = CountingEncoderClient(encoder.address)
         self.redis = redis_client(redis.url)
         self.cache = FeatureCache(self.redis, self.config.cache)
-        servicer = GatewayServicer(self.config, self.encoder, DecoderClient(decoder.address), self.cache,
-                                   SessionStore(self.redis, self.config.sessions))
+        servicer = GatewayServicer(ChatCore(self.config, self.encoder, DecoderClient(decoder.address), self.cache,
+                                            SessionStore(self.redis, self.config.sessions)))
         self.server = GrpcServer(self.config.server,
                                  [Service(GATEWAY, gateway_pb2_grpc.add_GatewayServicer_to_server, servicer)])
 

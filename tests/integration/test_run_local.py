@@ -1,5 +1,5 @@
 """One command runs it all: the launcher (`python -m services.tools.run_local`) and the client CLI
-(`python -m gateway.client`), both as real subprocesses.
+(`python -m gateway.cli`), both as real subprocesses.
 
 The launcher tests check what a person sees: `--demo` prints an answer and exits 0, the foreground
 mode serves until SIGTERM and then stops its children gateway first, a launcher killed outright
@@ -10,12 +10,14 @@ started by `tests/integration/stack.py`, so its streamed stdout must be exactly 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,7 +43,7 @@ STARTED = re.compile(r"started ([\w-]+) \(pid (\d+)\)")
 
 def launcher_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "services.tools.run_local", "--model", str(KIT.root), "--device", "cpu",
-            "--dtype", "fp32", "--port", "0", "--no-metrics", "--start-timeout", "120", *args]
+            "--dtype", "fp32", "--port", "0", "--http-port", "0", "--no-metrics", "--start-timeout", "120", *args]
 
 
 def started_pids(stderr: str) -> dict[str, int]:
@@ -123,7 +125,7 @@ def cli(target: str, *args: str, key: str | None = API_KEY,
         timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
     """The client CLI; `key` goes in IVL_API_KEY (None: no key)."""
     env = ENV if key is None else {**ENV, "IVL_API_KEY": key}
-    return subprocess.run([sys.executable, "-m", "gateway.client", "--target", target, *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "--target", target, *args], cwd=REPO_ROOT,
                           env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8",
                           timeout=timeout_s)
 
@@ -178,13 +180,18 @@ def test_foreground_serves_until_sigterm_then_stops_gateway_first(tmp_path: Path
     assert demo_answer.strip()
     pids = started_pids(run.stderr)
     assert set(pids) == {"redis-sessions", "redis-features", "encoder", "decoder", "gateway"}
-    assert "-m gateway.client --target" in run.stderr  # how to ask more
+    assert "-m gateway.cli --target" in run.stderr  # how to ask more
 
     # Still serving after the demo: the CLI gets the same (greedy) answer as the demo did.
     demo_image = str(REPO_ROOT / "tests/fixtures/parity/dev/images/img0_800x600.png")
     assert answer(cli(target, "--max-new-tokens", "128", "--image", demo_image, "Describe the image.")) + "\n" \
         == demo_answer
     assert "UNAUTHENTICATED" in cli(target, "hi", key=None).stderr
+    # The OpenAI-compatible HTTP API beside it, at the printed base URL, with the same keys.
+    base_url = re.search(r"OpenAI-compatible HTTP API at (\S+) ", run.stderr).group(1)
+    models = urllib.request.Request(f"{base_url}/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(models, timeout=30) as reply:
+        assert json.load(reply)["data"][0]["id"] == KIT.root.name
 
     run.proc.send_signal(signal.SIGTERM)
     assert run.proc.wait(timeout=60) == 0, run.stderr
@@ -259,7 +266,7 @@ def test_tiny_checkpoint_is_written_when_missing(tmp_path: Path):
 
 
 def test_launcher_and_client_are_torch_free():
-    code = ("import sys, gateway.client, services.tools.run_local; "
+    code = ("import sys, gateway.cli, services.tools.run_local; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or 'model' in m); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=ENV, check=True, timeout=60)
@@ -393,8 +400,8 @@ def test_cli_mutual_tls(stack: Stack, tmp_path: Path):
         gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--port", str(port), "--encoder", stack.encoder.address,
              "--decoder", stack.decoder.address, "--redis-url", stack.redis.url, "--insecure-open",
-             "--metrics-port", "0", "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
-             "--tls-ca", str(pki.ca.cert)],
+             "--metrics-port", "0", "--http-port", "0", "--tls-cert", str(pki.server.cert),
+             "--tls-key", str(pki.server.key), "--tls-ca", str(pki.ca.cert)],
             cwd=REPO_ROOT, env=ENV, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
         credentials = grpc.ssl_channel_credentials(pki.ca_bytes, pki.client.key_bytes, pki.client.cert_bytes)

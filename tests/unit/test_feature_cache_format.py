@@ -15,11 +15,11 @@ from gateway.feature_cache import (
     KEY_PREFIX,
     Entry,
     EntryFormatError,
-    content_hash,
     decode_entry,
     encode_entry,
     feature_key,
     feature_key_for_hash,
+    file_sha256,
     video_frame_key,
     video_frame_key_for_hash,
 )
@@ -41,7 +41,7 @@ def test_same_inputs_give_the_same_namespaced_key():
     a = feature_key(b"image", **SETTINGS)
     assert a == feature_key(b"image", **SETTINGS)
     assert a.startswith(KEY_PREFIX) and len(a) == len(KEY_PREFIX) + 64
-    assert a == feature_key_for_hash(content_hash(b"image"), **SETTINGS)
+    assert a == feature_key_for_hash(file_sha256(b"image"), **SETTINGS)
 
 
 @pytest.mark.parametrize("change", [
@@ -69,7 +69,7 @@ def test_video_frame_keys():
     video = b"video-bytes"
     keys = {video_frame_key(video, **{**VIDEO, "frame_index": i}) for i in range(8)}
     assert len(keys) == 8
-    assert video_frame_key(video, **VIDEO) == video_frame_key_for_hash(content_hash(video), **VIDEO)
+    assert video_frame_key(video, **VIDEO) == video_frame_key_for_hash(file_sha256(video), **VIDEO)
     for change in ({"num_segments": 16}, {"start_seconds": 1.5}, {"end_seconds": 3.0}, {"max_tiles": 2},
                    {"model_fingerprint": "fp-b"}):
         assert video_frame_key(video, **VIDEO) != video_frame_key(video, **{**VIDEO, **change})

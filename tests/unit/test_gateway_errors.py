@@ -1,4 +1,5 @@
-"""How the gateway maps its peers' errors and checks sampling values before any encoding."""
+"""How the gateway core maps its peers' errors, each front maps the core's errors, and the shared
+sampling checks (services/common/limits.py) judge values before any encoding."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import grpc
 import pytest
 from grpc.aio import AioRpcError, Metadata
 
-from gateway.servicer import _peer_error, _sampling_problem
+from gateway.core import ErrorKind, peer_error
+from gateway.http_server import HTTP_STATUS, chat_error_response
+from gateway.servicer import GRPC_CODES
 from internvl.v1 import decoder_pb2
+from services.common.limits import proto_sampling_problem
 
 
 def rpc_error(code: grpc.StatusCode, details: str, trailing=()) -> AioRpcError:
@@ -15,22 +19,30 @@ def rpc_error(code: grpc.StatusCode, details: str, trailing=()) -> AioRpcError:
 
 
 def test_overload_keeps_the_peers_retry_hint():
-    err = _peer_error("language decoder", rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full",
-                                                    [("retry-after-ms", "1000"), ("other", "x")]))
-    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    err = peer_error("language decoder", rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full",
+                                                   [("retry-after-ms", "1000"), ("other", "x")]))
+    assert err.kind == ErrorKind.OVERLOADED and GRPC_CODES[err.kind] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert err.message == "language decoder: queue full"
-    assert err.trailing_metadata == (("retry-after-ms", "1000"),)
+    assert err.retry_after_ms == 1000
+    response = chat_error_response(err)
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT,
                                   grpc.StatusCode.DEADLINE_EXCEEDED])
 def test_client_facing_codes_pass_through(code):
-    assert _peer_error("vision encoder", rpc_error(code, "why")).code == code
+    assert GRPC_CODES[peer_error("vision encoder", rpc_error(code, "why")).kind] == code
 
 
 def test_other_peer_failures_are_internal():
-    err = _peer_error("vision encoder", rpc_error(grpc.StatusCode.UNIMPLEMENTED, "no such method"))
-    assert err.code == grpc.StatusCode.INTERNAL and "UNIMPLEMENTED" in err.message
+    err = peer_error("vision encoder", rpc_error(grpc.StatusCode.UNIMPLEMENTED, "no such method"))
+    assert GRPC_CODES[err.kind] == grpc.StatusCode.INTERNAL and "UNIMPLEMENTED" in err.message
+
+
+def test_every_error_kind_has_a_grpc_code_and_an_http_status():
+    assert set(GRPC_CODES) == set(ErrorKind) == set(HTTP_STATUS)
+    assert {HTTP_STATUS[k] for k in (ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED, ErrorKind.TOO_LARGE)} \
+        == {503, 504, 413}
 
 
 @pytest.mark.parametrize(("fields", "problem"), [
@@ -41,12 +53,13 @@ def test_other_peer_failures_are_internal():
     ({"top_k": -2}, "top_k must be >= 0"),
     ({"repetition_penalty": -1.0}, "repetition_penalty must be > 0"),
     ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+    ({"stop": [""]}, "stop strings must be non-empty"),
 ])
 def test_sampling_problems(fields, problem):
-    assert problem in _sampling_problem(decoder_pb2.SamplingParams(**fields))
+    assert problem in proto_sampling_problem(decoder_pb2.SamplingParams(**fields))
 
 
 @pytest.mark.parametrize("fields", [{}, {"temperature": 0.0}, {"top_p": 1.0, "top_k": 0},
                                     {"repetition_penalty": 1.3, "max_new_tokens": 5, "do_sample": True}])
 def test_valid_sampling(fields):
-    assert _sampling_problem(decoder_pb2.SamplingParams(**fields)) is None
+    assert proto_sampling_problem(decoder_pb2.SamplingParams(**fields)) is None

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.clients import make_channel
+from gateway.peers import make_channel
 from services.common.security import (
     ApiKeys,
     ClientTls,

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from services.common.limits import sampling_problem
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -35,16 +37,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        problem = sampling_problem(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                   repetition_penalty=self.repetition_penalty, stop=tuple(self.stop))
+        if problem:
+            raise ValueError(problem)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
 
@@ -112,7 +108,7 @@ def find_image_spans(prompt_token_ids: Sequence[int], img_context_id: int) -> li
     return spans
 
 
-def content_hash(tensor: Tensor) -> bytes:
+def embedding_digest(tensor: Tensor) -> bytes:
     """sha256 of a tensor's dtype, shape and bytes (the fallback image hash)."""
     t = tensor.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())

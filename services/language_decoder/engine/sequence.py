@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .request import EngineRequest, SamplingParams, content_hash
+from .request import EngineRequest, SamplingParams, embedding_digest
 
 if TYPE_CHECKING:
     from .detokenize import OutputText
@@ -78,7 +78,7 @@ class Sequence:
             self.image_row_offsets.append(self.image_row_offsets[-1] + e - s)
         if not hashes and spans:  # no content hash given: hash what we were sent, per image
             hashes = [
-                content_hash(self.image_embeds[a:b])
+                embedding_digest(self.image_embeds[a:b])
                 for a, b in zip(self.image_row_offsets, self.image_row_offsets[1:], strict=False)
             ]
         self.image_hashes = [h.encode() if isinstance(h, str) else bytes(h) for h in hashes]

@@ -1,14 +1,14 @@
-"""Command-line client of the public API: `python -m gateway.client "What is in the picture?" --image a.jpg`.
+"""Command-line client of the public API: `python -m gateway.cli "What is in the picture?" --image a.jpg`.
 
 Streams the answer to stdout as it arrives (ChatStream). Torch-free: it only needs grpcio and the
 generated code in internvl/v1, so it runs on any machine that can reach a gateway.
 
-    python -m gateway.client --target 127.0.0.1:50051 --image a.jpg "Describe the image."
-    python -m gateway.client --image a.jpg --image b.jpg "Compare the two images."   # Image-1/Image-2
-    python -m gateway.client --image a.jpg --image b.jpg --combine "Describe."       # one <image> block
-    python -m gateway.client --video clip.mp4 --frames 8 "What happens?"
-    python -m gateway.client --new-session --image a.jpg "Describe the image."      # prints the id
-    python -m gateway.client --session ID "And what color is it?"                   # next turn
+    python -m gateway.cli --target 127.0.0.1:50051 --image a.jpg "Describe the image."
+    python -m gateway.cli --image a.jpg --image b.jpg "Compare the two images."   # Image-1/Image-2
+    python -m gateway.cli --image a.jpg --image b.jpg --combine "Describe."       # one <image> block
+    python -m gateway.cli --video clip.mp4 --frames 8 "What happens?"
+    python -m gateway.cli --new-session --image a.jpg "Describe the image."      # prints the id
+    python -m gateway.cli --session ID "And what color is it?"                   # next turn
 
 A gateway that requires API keys gets one from `IVL_API_KEY` or `--api-key-file` (sent as
 `authorization: Bearer <key>`; never a flag value, so it stays out of process listings). `--tls`
@@ -189,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
         u = last.usage
         print(f"finish: {reason}; tokens: prompt {u.prompt_tokens} (cached {u.cached_prompt_tokens}), "
               f"completion {u.completion_tokens}", file=sys.stderr)
+    for box in last.boxes if last is not None else ():  # grounding answers, parsed by the gateway
+        unit = "px" if box.HasField("image_index") else "fraction"
+        print(f"box: {box.label!r} [{box.x1:g}, {box.y1:g}, {box.x2:g}, {box.y2:g}] ({unit})", file=sys.stderr)
     return 0
 
 

@@ -110,6 +110,12 @@ class DecoderClient:
         self.channel = make_channel(target, credentials=credentials)
         self._stub = decoder_pb2_grpc.LanguageDecoderStub(self.channel)
         self._chunk_bytes = chunk_bytes
+        self._info: decoder_pb2.DecoderInfo | None = None
+
+    async def model_info(self, timeout: float | None = None) -> decoder_pb2.DecoderInfo:
+        if self._info is None:
+            self._info = await self._stub.GetModelInfo(decoder_pb2.DecoderInfoRequest(), timeout=timeout)
+        return self._info
 
     def generate(
         self,
