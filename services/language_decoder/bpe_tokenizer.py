@@ -28,19 +28,20 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from .prompt import IMG_CONTEXT_TOKEN
 from .tokenizer import (
+    ADDED_TOKENS_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
     TOKENIZER_CONFIG_FILE,
     CleanupStream,
     TokenizerError,
-    _read_json,
-    _token_content,
     clean_up_tokenization,
     encode_batch,
+    read_json,
+    token_content,
 )
 
 TOKENIZER_JSON_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
-ADDED_TOKENS_FILE = "added_tokens.json"
 
 # transformers' `Qwen2Converter` / `Qwen2Tokenizer` PRETOKENIZE_REGEX.
 QWEN2_PRETOKENIZE_REGEX = (
@@ -95,11 +96,11 @@ def _qwen2_tokenizer(model_dir: Path, config: dict) -> Tokenizer:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
     entries = {int(i): e for i, e in (config.get("added_tokens_decoder") or {}).items()}
-    for content, idx in _read_json(model_dir / ADDED_TOKENS_FILE).items():
+    for content, idx in read_json(model_dir / ADDED_TOKENS_FILE).items():
         entries.setdefault(int(idx), {"content": content, "special": True})
     for idx in sorted(entries):
         entry = entries[idx]
-        content = _token_content(entry)
+        content = token_content(entry)
         added = AddedToken(content, single_word=bool(entry.get("single_word", False)),
                            lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
                            normalized=bool(entry.get("normalized", False)), special=bool(entry.get("special", True)))
@@ -141,17 +142,17 @@ class ByteLevelBPETokenizer:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ByteLevelBPETokenizer:
         model_dir = Path(model_dir)
-        config = _read_json(model_dir / TOKENIZER_CONFIG_FILE)
+        config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
         if (model_dir / TOKENIZER_JSON_FILE).is_file():
             tok = Tokenizer.from_file(str(model_dir / TOKENIZER_JSON_FILE))
         else:
             tok = _qwen2_tokenizer(model_dir, config)
-        special_map = _read_json(model_dir / "special_tokens_map.json")
+        special_map = read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
 
         def special(key: str) -> str | None:
             for source in (special_map, config):  # special_tokens_map.json wins, as in transformers
                 if key in source:
-                    return _token_content(source[key])
+                    return token_content(source[key])
             return None
 
         return cls(tok, bos_token=special("bos_token"), eos_token=special("eos_token"),

@@ -38,10 +38,10 @@ from .tokenizer import (
     TOKENIZER_CONFIG_FILE,
     CleanupStream,
     TokenizerError,
-    _read_json,
-    _token_content,
     clean_up_tokenization,
     encode_batch,
+    read_json,
+    token_content,
     utf8_incomplete,
 )
 
@@ -80,7 +80,7 @@ class LlamaSPTokenizer:
 
         # id -> (content, lstrip, rstrip) of every added token (transformers' `_added_tokens_decoder`).
         self._added: dict[int, tuple[str, bool, bool]] = {
-            int(i): (_token_content(e), bool(e.get("lstrip", False)), bool(e.get("rstrip", False)))
+            int(i): (token_content(e), bool(e.get("lstrip", False)), bool(e.get("rstrip", False)))
             for i, e in added_tokens.items()
         }
         self._added_encoder = {content: i for i, (content, _, _) in sorted(self._added.items())}
@@ -112,22 +112,22 @@ class LlamaSPTokenizer:
         sp_file = model_dir / SP_MODEL_FILE
         if not sp_file.is_file():
             raise TokenizerError(f"{model_dir} has no {SP_MODEL_FILE}")
-        config = _read_json(model_dir / TOKENIZER_CONFIG_FILE)
+        config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
         if config.get("legacy", True):
             raise TokenizerError(
                 f"{model_dir / TOKENIZER_CONFIG_FILE}: only LlamaTokenizer with legacy=false is supported "
                 "(Phi-3's setting); this one uses the legacy SentencePiece handling"
             )
-        special_map = _read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
+        special_map = read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
         added = {int(i): e for i, e in (config.get("added_tokens_decoder") or {}).items()}
-        for content, idx in _read_json(model_dir / ADDED_TOKENS_FILE).items():
-            if _token_content(added.setdefault(int(idx), {"content": content})) != content:
+        for content, idx in read_json(model_dir / ADDED_TOKENS_FILE).items():
+            if token_content(added.setdefault(int(idx), {"content": content})) != content:
                 raise TokenizerError(f"{ADDED_TOKENS_FILE} and {TOKENIZER_CONFIG_FILE} disagree on id {idx}")
 
         def special(key: str, default: str | None) -> str | None:
             for source in (special_map, config):  # special_tokens_map.json wins, as in transformers
                 if key in source:
-                    return _token_content(source[key])
+                    return token_content(source[key])
             return default
 
         extra_source = special_map if "additional_special_tokens" in special_map else config
@@ -138,7 +138,7 @@ class LlamaSPTokenizer:
             eos_token=special("eos_token", "</s>"),
             unk_token=special("unk_token", "<unk>"),
             pad_token=special("pad_token", None),
-            additional_special_tokens=[_token_content(t) for t in extra_source.get("additional_special_tokens") or []],
+            additional_special_tokens=[token_content(t) for t in extra_source.get("additional_special_tokens") or []],
             add_bos_token=bool(config.get("add_bos_token", True)),
             add_eos_token=bool(config.get("add_eos_token", False)),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),

@@ -62,7 +62,7 @@ def clean_up_tokenization(text: str) -> str:
     )
 
 
-def _token_content(value) -> str | None:
+def token_content(value) -> str | None:
     """A special token as tokenizer_config / special_tokens_map store it: a string or an AddedToken dict."""
     if value is None or isinstance(value, str):
         return value
@@ -71,7 +71,7 @@ def _token_content(value) -> str | None:
     raise TokenizerError(f"cannot read special token {value!r}")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     with path.open(encoding="utf-8") as f:
@@ -171,13 +171,13 @@ class InternLM2Tokenizer:
         sp_file = model_dir / SP_MODEL_FILE
         if not sp_file.is_file():
             raise TokenizerError(f"{model_dir} has no {SP_MODEL_FILE}")
-        config = _read_json(model_dir / TOKENIZER_CONFIG_FILE)
-        special_map = _read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
+        config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
+        special_map = read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
 
         added: dict[int, str] = {}
         for idx, entry in (config.get("added_tokens_decoder") or {}).items():
-            added[int(idx)] = _token_content(entry)
-        for content, idx in _read_json(model_dir / ADDED_TOKENS_FILE).items():
+            added[int(idx)] = token_content(entry)
+        for content, idx in read_json(model_dir / ADDED_TOKENS_FILE).items():
             if added.setdefault(int(idx), content) != content:
                 raise TokenizerError(
                     f"{ADDED_TOKENS_FILE} says {content!r} is id {idx}, "
@@ -188,11 +188,11 @@ class InternLM2Tokenizer:
             # transformers lets special_tokens_map.json override tokenizer_config.json.
             for source in (special_map, config):
                 if key in source:
-                    return _token_content(source[key])
+                    return token_content(source[key])
             return default
 
         extra_source = special_map if "additional_special_tokens" in special_map else config
-        additional = [_token_content(t) for t in extra_source.get("additional_special_tokens") or []]
+        additional = [token_content(t) for t in extra_source.get("additional_special_tokens") or []]
         return cls(
             sp_file,
             added,

@@ -20,7 +20,7 @@ from typing import Protocol
 from .bpe_tokenizer import ByteLevelBPETokenizer
 from .llama_tokenizer import LlamaSPTokenizer
 from .prompt import ChatTemplate
-from .tokenizer import TOKENIZER_CONFIG_FILE, InternLM2Tokenizer, TokenizerError, _read_json
+from .tokenizer import TOKENIZER_CONFIG_FILE, InternLM2Tokenizer, TokenizerError, read_json
 
 
 class TextStream(Protocol):
@@ -66,7 +66,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     config_file = model_dir / TOKENIZER_CONFIG_FILE
     if not config_file.is_file():
         raise TokenizerError(f"{model_dir} has no {TOKENIZER_CONFIG_FILE}")
-    name = _read_json(config_file).get("tokenizer_class")
+    name = read_json(config_file).get("tokenizer_class")
     if name not in TOKENIZER_CLASSES:
         raise TokenizerError(
             f"{config_file}: tokenizer_class {name!r} is not supported (supported: {', '.join(TOKENIZER_CLASSES)})"
