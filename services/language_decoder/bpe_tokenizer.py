@@ -2,12 +2,13 @@
 
 Encoding and decoding run through the `tokenizers` library, built from the checkpoint's own files:
 
-* `tokenizer.json` when the checkpoint has one (Llama-3: `PreTrainedTokenizerFast`, its
-  post-processor prepends `<|begin_of_text|>`);
-* otherwise `vocab.json` + `merges.txt` (Qwen2's slow `Qwen2Tokenizer`, which InternVL loads with
-  `use_fast=False`), assembled exactly as transformers' `Qwen2Converter` assembles the fast tokenizer
-  from them: NFC, Qwen2's split regex, byte-level mapping, BPE, no BOS. The added tokens come from
-  `tokenizer_config.json` (`added_tokens_decoder`) and `added_tokens.json`.
+* `tokenizer_class` Qwen2Tokenizer (InternVL2-1B, which upstream loads with `use_fast=False`, so any
+  tokenizer.json is ignored): `vocab.json` + `merges.txt`, assembled exactly as transformers'
+  `Qwen2Converter` assembles the fast tokenizer from them (NFC, Qwen2's split regex, byte-level
+  mapping, BPE, no BOS), with the added tokens of `tokenizer_config.json` (`added_tokens_decoder`)
+  and `added_tokens.json`;
+* otherwise `tokenizer.json` (Llama-3: `PreTrainedTokenizerFast`, whose post-processor prepends
+  `<|begin_of_text|>`).
 
 `decode` is `PreTrainedTokenizerFast._decode`: the library's decode, then `clean_up_tokenization`
 when `clean_up_tokenization_spaces` is set (true for the Llama-3 tokenizer). The slow Qwen2 decode
@@ -42,6 +43,9 @@ from .tokenizer import (
 TOKENIZER_JSON_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
+
+# Slow tokenizer classes built from vocab.json + merges.txt (what upstream runs), never from tokenizer.json.
+SLOW_QWEN2_CLASSES = frozenset({"Qwen2Tokenizer"})
 
 # transformers' `Qwen2Converter` / `Qwen2Tokenizer` PRETOKENIZE_REGEX.
 QWEN2_PRETOKENIZE_REGEX = (
@@ -82,7 +86,7 @@ def _qwen2_tokenizer(model_dir: Path, config: dict) -> Tokenizer:
     """The fast tokenizer transformers builds from Qwen2's vocab.json + merges.txt (`Qwen2Converter`)."""
     for name in (VOCAB_FILE, MERGES_FILE):
         if not (model_dir / name).is_file():
-            raise TokenizerError(f"{model_dir} has neither {TOKENIZER_JSON_FILE} nor {name}")
+            raise TokenizerError(f"{model_dir} has no {name} (a Qwen2Tokenizer needs {VOCAB_FILE} and {MERGES_FILE})")
     bpe = models.BPE.from_file(str(model_dir / VOCAB_FILE), str(model_dir / MERGES_FILE),
                                unk_token=None, fuse_unk=False, byte_fallback=False)
     tok = Tokenizer(bpe)
@@ -143,10 +147,12 @@ class ByteLevelBPETokenizer:
     def from_dir(cls, model_dir: str | Path) -> ByteLevelBPETokenizer:
         model_dir = Path(model_dir)
         config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
-        if (model_dir / TOKENIZER_JSON_FILE).is_file():
+        if config.get("tokenizer_class") in SLOW_QWEN2_CLASSES:
+            tok = _qwen2_tokenizer(model_dir, config)
+        elif (model_dir / TOKENIZER_JSON_FILE).is_file():
             tok = Tokenizer.from_file(str(model_dir / TOKENIZER_JSON_FILE))
         else:
-            tok = _qwen2_tokenizer(model_dir, config)
+            raise TokenizerError(f"{model_dir} has no {TOKENIZER_JSON_FILE}")
         special_map = read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
 
         def special(key: str) -> str | None:

@@ -207,3 +207,25 @@ def test_unsupported_tokenizer_class_is_named(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "GPT2Tokenizer"}')
     with pytest.raises(TokenizerError, match="tokenizer_class 'GPT2Tokenizer' is not supported"):
         load_tokenizer(tmp_path)
+
+
+def test_slow_qwen2_ignores_tokenizer_json(tmp_path):
+    """Upstream loads InternVL2-1B's tokenizer with use_fast=False: vocab.json + merges.txt, whatever
+    tokenizer.json says (here another kit's, which would encode differently)."""
+    kit = _kit("internvl2-1b")
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        (tmp_path / name).write_bytes(kit.path(name).read_bytes())
+    (tmp_path / "tokenizer.json").write_bytes(_kit("internvl2-76b").path("tokenizer.json").read_bytes())
+    tok = load_tokenizer(tmp_path)
+    for case in kit.manifest["tokenizer_cases"]:
+        if not case.get("decode_only"):
+            assert tok.encode(case["text"]) == case["input_ids"]
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(TokenizerError, match="has no merges.txt"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["dev", "internvl2-1b"])
+def test_stop_token_must_be_a_token(name):
+    with pytest.raises(TokenizerError, match="'<\\|end\\|>'"):
+        stop_token_id(_tokenizer(name), get_template("phi3-chat"))
