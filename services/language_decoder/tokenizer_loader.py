@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .bpe_tokenizer import ByteLevelBPETokenizer
 from .llama_tokenizer import LlamaSPTokenizer
@@ -28,6 +28,7 @@ class TextStream(Protocol):
     def flush(self) -> str: ...
 
 
+@runtime_checkable
 class Tokenizer(Protocol):
     """What the decoder needs from a tokenizer; `IncrementalDecoder(tokenizer)` streams its decode."""
 

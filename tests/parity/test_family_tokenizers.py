@@ -28,7 +28,7 @@ from services.language_decoder.prompt import (
     get_template,
 )
 from services.language_decoder.tokenizer import IncrementalDecoder, InternLM2Tokenizer, TokenizerError
-from services.language_decoder.tokenizer_loader import load_tokenizer, stop_token_id
+from services.language_decoder.tokenizer_loader import Tokenizer, load_tokenizer, stop_token_id
 from tests.kits import FAMILY_KIT_NAMES, fixture_kit, fixture_kit_names
 
 KITS = fixture_kit_names()
@@ -84,6 +84,7 @@ def test_tokenizer_chosen_from_checkpoint(name):
     kit, tok = _kit(name), _tokenizer(name)
     llm_config = json.loads(kit.text("config.json"))["llm_config"]
     assert type(tok) is EXPECTED_CLASS[llm_config["architectures"][0]]
+    assert isinstance(tok, Tokenizer)  # the one interface the decoder uses
     assert tok.vocab_size == kit.manifest["model"]["vocab_size"] == llm_config["vocab_size"]
     for token, token_id in kit.manifest["special_token_ids"].items():
         assert tok.token_to_id(token) == token_id, token
