@@ -104,7 +104,10 @@ class LlamaSPTokenizer:
         for idx in range(self._sp_size, self._vocab_size):
             if idx not in self._added:
                 raise TokenizerError(f"id {idx} is past the SentencePiece vocab but is no added token")
-        self._unk_length = len(self._sp.encode(str(unk_token))) if unk_token is not None else 0
+        if unk_token is None:
+            raise TokenizerError("a LlamaTokenizer needs an unk_token (legacy=False encoding is built on it)")
+        # `_sp_tokenize` encodes unk_token + chunk and drops this many pieces (upstream `unk_token_length`).
+        self._unk_length = len(self._sp.encode(unk_token))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> LlamaSPTokenizer:
