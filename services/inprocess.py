@@ -16,8 +16,8 @@ from services.common.checkpoint import parse_dtype, resolve_model_dir
 from services.common.model_config import InternVLConfig
 from services.language_decoder.generate import generate
 from services.language_decoder.model import InternLM2ForCausalLM, load_language_model
-from services.language_decoder.prompt import build_batch_prompts, build_chat_prompt, extract_response
-from services.language_decoder.tokenizer import InternLM2Tokenizer
+from services.language_decoder.prompt import build_batch_prompts, build_chat_prompt, extract_response, get_template
+from services.language_decoder.tokenizer_loader import Tokenizer, load_tokenizer, stop_token_id
 from services.vision_encoder.model import VisionEncoder, load_vision_encoder
 
 History = list[tuple[str, str]]
@@ -40,12 +40,14 @@ class InternVLChat:
         config: InternVLConfig,
         vision: VisionEncoder,
         llm: InternLM2ForCausalLM,
-        tokenizer: InternLM2Tokenizer,
+        tokenizer: Tokenizer,
     ):
         self.config = config
         self.vision = vision
         self.llm = llm
         self.tokenizer = tokenizer
+        self.template = get_template(config.template)
+        self.stop_token_id = stop_token_id(tokenizer, self.template)  # chat() stops on the separator only
 
     @classmethod
     def load(cls, model: str | Path, device: str = "cpu", dtype: str | None = None) -> InternVLChat:
@@ -55,7 +57,7 @@ class InternVLChat:
             InternVLConfig.from_dir(model_dir),
             load_vision_encoder(model_dir, device=device, dtype=torch_dtype),
             load_language_model(model_dir, device=device, dtype=torch_dtype),
-            InternLM2Tokenizer.from_dir(model_dir),
+            load_tokenizer(model_dir),
         )
 
     @torch.inference_mode()
@@ -72,7 +74,7 @@ class InternVLChat:
             num_patches_list = [pixel_values.shape[0]]  # all tiles as one image block
         prompt, stored_question = build_chat_prompt(
             question, history, num_patches_list if pixel_values is not None else None,
-            self.config.num_image_token,
+            self.config.num_image_token, template=self.template,
         )
         ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.llm.device)
         response = self._generate(ids, torch.ones_like(ids), pixel_values, generation)[0]
@@ -87,7 +89,7 @@ class InternVLChat:
         generation: GenerationSettings = GenerationSettings(),
     ) -> list[str]:
         """Upstream `batch_chat()`: independent single-turn questions, one image each, left-padded."""
-        prompts = build_batch_prompts(questions, num_patches_list, self.config.num_image_token)
+        prompts = build_batch_prompts(questions, num_patches_list, self.config.num_image_token, template=self.template)
         ids, mask = self.tokenizer.encode_batch(prompts)
         device = self.llm.device
         return self._generate(
@@ -113,7 +115,7 @@ class InternVLChat:
             embeds,
             attention_mask,
             max_new_tokens=generation.max_new_tokens,
-            eos_token_id=self.tokenizer.im_end_id,  # chat() stops on <|im_end|> only
+            eos_token_id=self.stop_token_id,
             pad_token_id=self.tokenizer.pad_id,
             do_sample=generation.do_sample,
             temperature=generation.temperature,
@@ -123,4 +125,4 @@ class InternVLChat:
             generator=generator,
         )
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in out.token_ids]
-        return [extract_response(text) for text in texts]
+        return [extract_response(text, self.template) for text in texts]

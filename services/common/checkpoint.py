@@ -24,8 +24,9 @@ LLM_PREFIXES = ("language_model.",)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Everything a serving process needs; the upstream *.py files are deliberately left out.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# Everything a serving process needs; the upstream *.py files are deliberately left out. Tokenizer files:
+# tokenizer.model (SentencePiece: InternLM2, Phi-3), vocab.json + merges.txt (Qwen2), tokenizer.json.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt"]
 
 
 class CheckpointError(RuntimeError):

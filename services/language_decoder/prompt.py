@@ -1,4 +1,4 @@
-"""The InternVL 2.0 `internlm2-chat` prompt, built exactly as upstream `chat()` / `batch_chat()` build it.
+"""The InternVL 2.0 chat prompts, built exactly as upstream `chat()` / `batch_chat()` build them.
 
 Reference: OpenGVLab/InternVL @ 74126371 (`internvl_chat/internvl/conversation.py` and
 `InternVLChatModel.chat()` / `batch_chat()` in `modeling_internvl_chat.py`). The rules below are small
@@ -6,6 +6,10 @@ on purpose; each one mirrors an upstream behaviour (some of them quirks) and say
 
     <|im_start|>system\\n{SYSTEM}<|im_end|><|im_start|>user\\n{Q1}<|im_end|><|im_start|>assistant\\n{A1}
     <|im_end|><|im_start|>user\\n{Q2}<|im_end|><|im_start|>assistant\\n          (one line, no newlines)
+
+That is `internlm2-chat` (InternVL2-2B/8B/26B/76B) and `Hermes-2` (1B/40B); `phi3-chat` (4B) is the
+same with `<|system|>\\n`, `<|user|>\\n`, `<|assistant|>\\n` and `<|end|>`. The checkpoint's
+`config.json` names its template (`template`): `get_template` picks it.
 
 Tile counts are passed as `num_patches_list` (tiles per `<image>` placeholder, in order). Upstream's
 `chat(pixel_values=pv, num_patches_list=None)` puts all tiles into one block: pass `[pv.shape[0]]`.
@@ -63,6 +67,36 @@ INTERNLM2_CHAT = ChatTemplate(
     roles=(IM_START_TOKEN + "user\n", IM_START_TOKEN + "assistant\n"),
     sep=IM_END_TOKEN,
 )
+
+# The same text as internlm2-chat (upstream: "completely equivalent during inference"); the two differ
+# only in training-time BOS handling, which at inference is the tokenizer's business (Qwen2 adds none).
+# Upstream's stop_token_ids / stop_str for it are not used by chat(): it stops on `sep` alone.
+HERMES_2 = ChatTemplate(
+    name="Hermes-2",
+    system_template=INTERNLM2_CHAT.system_template,
+    system_message=SYSTEM_MESSAGE,
+    roles=INTERNLM2_CHAT.roles,
+    sep=IM_END_TOKEN,
+)
+
+# Phi-3's chat markers. The template puts "\n" after each role marker but none after `sep`; Phi-3's
+# tokenizer swallows whitespace after these tokens anyway (rstrip=True).
+PHI3_CHAT = ChatTemplate(
+    name="phi3-chat",
+    system_template="<|system|>\n{system_message}",
+    system_message=SYSTEM_MESSAGE,
+    roles=("<|user|>\n", "<|assistant|>\n"),
+    sep="<|end|>",
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (INTERNLM2_CHAT, HERMES_2, PHI3_CHAT)}
+
+
+def get_template(name: str) -> ChatTemplate:
+    """The template a checkpoint's `config.json` names in `template`."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}: this server supports {', '.join(sorted(TEMPLATES))}")
+    return TEMPLATES[name]
 
 
 def render_conversation(
@@ -128,12 +162,15 @@ def build_chat_prompt(
     history: Sequence[tuple[str, str]] | None = None,
     num_patches_list: Sequence[int] | None = None,
     num_image_token: int = NUM_IMAGE_TOKEN,
-    system_message: str = SYSTEM_MESSAGE,
+    system_message: str | None = None,
+    template: ChatTemplate = INTERNLM2_CHAT,
 ) -> tuple[str, str]:
     """`chat()`'s prompt. Returns (full prompt with image blocks, the question as stored in history).
 
     `history` holds earlier (question, answer) text pairs, as `chat()` returns them: answers are the
     decoded response text (re-tokenized next round), questions include any `<image>\\n` added here.
+    `system_message` None means the template's (upstream: the config's `system_message`, else the
+    template's).
     """
     has_images = bool(num_patches_list)
     # Upstream: `if history is None and pixel_values is not None and '<image>' not in question`.
@@ -141,7 +178,8 @@ def build_chat_prompt(
     # placeholder count no longer matches and expansion fails, as upstream's generate() would).
     if history is None and has_images and IMAGE_PLACEHOLDER not in question:
         question = IMAGE_PLACEHOLDER + "\n" + question
-    prompt = render_conversation(system_message, history, question)
+    system = template.system_message if system_message is None else system_message
+    prompt = render_conversation(system, history, question, template)
     # Without pixel values upstream's loop over num_patches_list is empty: a literal "<image>" in a
     # text-only prompt (or in its history) stays text.
     if has_images:
@@ -153,7 +191,8 @@ def build_batch_prompts(
     questions: Sequence[str],
     num_patches_list: Sequence[int] | None,
     num_image_token: int = NUM_IMAGE_TOKEN,
-    system_message: str = SYSTEM_MESSAGE,
+    system_message: str | None = None,
+    template: ChatTemplate = INTERNLM2_CHAT,
 ) -> list[str]:
     """`batch_chat()`'s prompts: one single-turn prompt per question, one image block per question.
 
@@ -164,11 +203,12 @@ def build_batch_prompts(
     """
     if num_patches_list is not None and len(num_patches_list) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(num_patches_list)} tile counts")
+    system = template.system_message if system_message is None else system_message
     prompts = []
     for i, question in enumerate(questions):
         if num_patches_list is not None and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question
-        prompt = render_conversation(system_message, None, question)
+        prompt = render_conversation(system, None, question, template)
         if num_patches_list is not None:
             prompt = expand_image_placeholders(prompt, [num_patches_list[i]], num_image_token)
         prompts.append(prompt)

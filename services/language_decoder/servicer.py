@@ -3,7 +3,8 @@
 The first request message carries the conversation and settings; each image's embeddings follow as
 raw chunks. The prompt is built exactly as upstream `chat()` builds it (template, `<image>`
 expansion), tokenized, and handed to the engine; the engine's text deltas are streamed back as
-upstream's response text (`decode(...).split('<|im_end|>')[0].strip()`).
+upstream's response text (`decode(...).split(template.sep)[0].strip()`). The checkpoint's config names
+the template (`internlm2-chat`, `Hermes-2`, `phi3-chat`); its tokenizer files say which tokenizer.
 
 Status codes: a request the caller must fix (malformed stream, bad shapes, a prompt beyond the
 context, sampling values out of range) is INVALID_ARGUMENT with a message naming what to change,
@@ -47,11 +48,12 @@ from services.language_decoder.engine import (
 from services.language_decoder.model import load_language_model
 from services.language_decoder.prompt import (
     IMAGE_PLACEHOLDER,
-    SYSTEM_MESSAGE,
+    ChatTemplate,
     expand_image_placeholders,
+    get_template,
     render_conversation,
 )
-from services.language_decoder.tokenizer import InternLM2Tokenizer
+from services.language_decoder.tokenizer_loader import Tokenizer, load_tokenizer, stop_token_id
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +72,15 @@ class DecoderRuntime:
     """Everything loaded once at start."""
 
     engine: AsyncEngine
-    tokenizer: InternLM2Tokenizer
+    tokenizer: Tokenizer
     model_config: InternVLConfig
     dtype: torch.dtype
     fingerprint: str
     max_model_len: int
+
+    @property
+    def template(self) -> ChatTemplate:
+        return get_template(self.model_config.template)
 
     @classmethod
     def load(cls, config: DecoderConfig) -> DecoderRuntime:
@@ -84,7 +90,10 @@ class DecoderRuntime:
         root = resolve_model_dir(config.model)
         started = time.monotonic()
         model = load_language_model(root, device=device, dtype=dtype)
-        tokenizer = InternLM2Tokenizer.from_dir(root)
+        tokenizer = load_tokenizer(root)
+        model_config = InternVLConfig.from_dir(root)
+        # An unknown template, or a separator that is no token, fails the start rather than each request.
+        stop_token_id(tokenizer, get_template(model_config.template))
         engine_config = EngineConfig(
             block_size=config.block_size,
             num_kv_blocks=config.num_kv_blocks or None,
@@ -113,7 +122,7 @@ class DecoderRuntime:
         fingerprint = model_fingerprint(root, DTYPE_NAMES[TORCH_TO_WIRE[dtype]])
         log.info("loaded language model from %s on %s in %s (fingerprint %s) in %.1fs",
                  root, device, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], fingerprint, time.monotonic() - started)
-        return cls(engine, tokenizer, InternVLConfig.from_dir(root), dtype, fingerprint, config.max_model_len)
+        return cls(engine, tokenizer, model_config, dtype, fingerprint, config.max_model_len)
 
 
 class ResponseText:
@@ -224,8 +233,9 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
         if placeholders != len(images):
             raise BadRequest(f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
                              f"but {len(images)} image(s) came with it")
-        system = conv.system_message if conv.HasField("system_message") else SYSTEM_MESSAGE
-        prompt = render_conversation(system, history, conv.question)
+        template = rt.template
+        system = conv.system_message if conv.HasField("system_message") else template.system_message
+        prompt = render_conversation(system, history, conv.question, template)
         if images:
             prompt = expand_image_placeholders(prompt, [d.num_tiles for d in images], rt.model_config.num_image_token)
         ids = rt.tokenizer.encode(prompt)
@@ -248,7 +258,7 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
         )
 
     def _sampling(self, rt: DecoderRuntime, p: decoder_pb2.SamplingParams) -> SamplingParams:
-        stop_ids = (rt.tokenizer.im_end_id, *p.stop_token_ids)  # chat() stops on <|im_end|>
+        stop_ids = (stop_token_id(rt.tokenizer, rt.template), *p.stop_token_ids)  # chat() stops on template.sep
         vocab = rt.model_config.llm.vocab_size
         if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise BadRequest(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(p.stop_token_ids)}")

@@ -62,7 +62,7 @@ def clean_up_tokenization(text: str) -> str:
     )
 
 
-def _token_content(value) -> str | None:
+def token_content(value) -> str | None:
     """A special token as tokenizer_config / special_tokens_map store it: a string or an AddedToken dict."""
     if value is None or isinstance(value, str):
         return value
@@ -71,11 +71,29 @@ def _token_content(value) -> str | None:
     raise TokenizerError(f"cannot read special token {value!r}")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     with path.open(encoding="utf-8") as f:
         return json.load(f)
+
+
+def encode_batch(
+    tokenizer, texts: Sequence[str], add_bos: bool = True, padding_side: str = "left"
+) -> tuple[list[list[int]], list[list[int]]]:
+    """`tokenizer(texts, padding=True)` for any tokenizer here: (input_ids, attention_mask), padded
+    with `tokenizer.pad_id` on `padding_side` (batch_chat pads on the left)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    rows = [tokenizer.encode(t, add_bos=add_bos) for t in texts]
+    width = max((len(r) for r in rows), default=0)
+    ids, mask = [], []
+    for row in rows:
+        pad = [tokenizer.pad_id] * (width - len(row))
+        ids.append(pad + row if padding_side == "left" else row + pad)
+        ones, zeros = [1] * len(row), [0] * len(pad)
+        mask.append(zeros + ones if padding_side == "left" else ones + zeros)
+    return ids, mask
 
 
 class InternLM2Tokenizer:
@@ -153,13 +171,13 @@ class InternLM2Tokenizer:
         sp_file = model_dir / SP_MODEL_FILE
         if not sp_file.is_file():
             raise TokenizerError(f"{model_dir} has no {SP_MODEL_FILE}")
-        config = _read_json(model_dir / TOKENIZER_CONFIG_FILE)
-        special_map = _read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
+        config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
+        special_map = read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
 
         added: dict[int, str] = {}
         for idx, entry in (config.get("added_tokens_decoder") or {}).items():
-            added[int(idx)] = _token_content(entry)
-        for content, idx in _read_json(model_dir / ADDED_TOKENS_FILE).items():
+            added[int(idx)] = token_content(entry)
+        for content, idx in read_json(model_dir / ADDED_TOKENS_FILE).items():
             if added.setdefault(int(idx), content) != content:
                 raise TokenizerError(
                     f"{ADDED_TOKENS_FILE} says {content!r} is id {idx}, "
@@ -170,11 +188,11 @@ class InternLM2Tokenizer:
             # transformers lets special_tokens_map.json override tokenizer_config.json.
             for source in (special_map, config):
                 if key in source:
-                    return _token_content(source[key])
+                    return token_content(source[key])
             return default
 
         extra_source = special_map if "additional_special_tokens" in special_map else config
-        additional = [_token_content(t) for t in extra_source.get("additional_special_tokens") or []]
+        additional = [token_content(t) for t in extra_source.get("additional_special_tokens") or []]
         return cls(
             sp_file,
             added,
@@ -332,20 +350,7 @@ class InternLM2Tokenizer:
         self, texts: Sequence[str], add_bos: bool = True, padding_side: str = "left"
     ) -> tuple[list[list[int]], list[list[int]]]:
         """`tokenizer(texts, padding=True)` with pad id `pad_id`: (input_ids, attention_mask)."""
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        rows = [self.encode(t, add_bos=add_bos) for t in texts]
-        width = max((len(r) for r in rows), default=0)
-        ids, mask = [], []
-        for row in rows:
-            pad = width - len(row)
-            if padding_side == "left":
-                ids.append([self.pad_id] * pad + row)
-                mask.append([0] * pad + [1] * len(row))
-            else:
-                ids.append(row + [self.pad_id] * pad)
-                mask.append([1] * len(row) + [0] * pad)
-        return ids, mask
+        return encode_batch(self, texts, add_bos=add_bos, padding_side=padding_side)
 
     # ------------------------------------------------------------------ decode
 
@@ -398,6 +403,10 @@ class InternLM2Tokenizer:
 
     # ------------------------------------------------------------------ helpers for IncrementalDecoder
 
+    def text_stream(self, skip_special_tokens: bool = True) -> _InternLM2Stream:
+        """The per-token state behind `IncrementalDecoder(self, skip_special_tokens)`."""
+        return _InternLM2Stream(self, skip_special_tokens)
+
     def _is_byte(self, token_id: int) -> bool:
         return token_id in self._byte_values
 
@@ -437,7 +446,7 @@ class InternLM2Tokenizer:
         return self._anchor
 
 
-def _utf8_incomplete(data: Sequence[int]) -> bool:
+def utf8_incomplete(data: Sequence[int]) -> bool:
     """True if `data` ends inside a UTF-8 sequence that more bytes could still complete.
 
     Mirrors SentencePiece's byte-fallback decoding (one char at a time, an invalid byte becomes U+FFFD
@@ -498,34 +507,20 @@ def _cleanup_cut_ok(text: str, k: int) -> bool:
     return k >= _CLEANUP_SPAN and " " not in text[k - _CLEANUP_SPAN : k]
 
 
-class _TextRun:
-    """Streams `clean_up_tokenization(sp.decode(run))` for a run of ordinary (non-special) ids."""
+class CleanupStream:
+    """Streams `clean_up_tokenization(text)` while `text` arrives in pieces (`append`).
 
-    def __init__(self, tokenizer: InternLM2Tokenizer):
-        self._tok = tokenizer
-        self._tail: list[int] = []  # trailing byte-fallback ids that may still be an incomplete char
-        self._started = False  # some piece was decoded: later pieces keep their leading "▁"
-        self._win = ""  # final SentencePiece text from the window start on
+    `emit()` returns the newly settled part of the cleaned text; `emit(final=True)` the rest.
+    """
+
+    def __init__(self):
+        self._win = ""  # final raw text from the window start on
         self._done = 0  # non-space characters of _win already emitted
 
-    def push(self, token_id: int) -> str:
-        self._tail.append(token_id)
-        tok = self._tok
-        if not tok._is_byte(token_id) or not _utf8_incomplete([tok._byte_values[i] for i in self._tail]):
-            self._commit()
-        return self._emit(final=False)
+    def append(self, text: str) -> None:
+        self._win += text
 
-    def flush(self) -> str:
-        if self._tail:
-            self._commit()
-        return self._emit(final=True)
-
-    def _commit(self) -> None:
-        ids, self._tail = self._tail, []
-        self._win += self._tok._decode_run(ids, continuation=self._started)
-        self._started = True
-
-    def _emit(self, final: bool) -> str:
+    def emit(self, final: bool = False) -> str:
         win = self._win
         if final:
             k = len(win)
@@ -551,42 +546,86 @@ class _TextRun:
         return cleaned[start:end]
 
 
+class _TextRun:
+    """Streams `clean_up_tokenization(sp.decode(run))` for a run of ordinary (non-special) ids."""
+
+    def __init__(self, tokenizer: InternLM2Tokenizer):
+        self._tok = tokenizer
+        self._tail: list[int] = []  # trailing byte-fallback ids that may still be an incomplete char
+        self._started = False  # some piece was decoded: later pieces keep their leading "▁"
+        self._out = CleanupStream()
+
+    def push(self, token_id: int) -> str:
+        self._tail.append(token_id)
+        tok = self._tok
+        if not tok._is_byte(token_id) or not utf8_incomplete([tok._byte_values[i] for i in self._tail]):
+            self._commit()
+        return self._out.emit()
+
+    def flush(self) -> str:
+        if self._tail:
+            self._commit()
+        return self._out.emit(final=True)
+
+    def _commit(self) -> None:
+        ids, self._tail = self._tail, []
+        self._out.append(self._tok._decode_run(ids, continuation=self._started))
+        self._started = True
+
+
+class _InternLM2Stream:
+    """`IncrementalDecoder` for `InternLM2Tokenizer` (see there for what is exact)."""
+
+    def __init__(self, tokenizer: InternLM2Tokenizer, skip_special_tokens: bool):
+        self._tok = tokenizer
+        self._skip_special = skip_special_tokens
+        self._run = _TextRun(tokenizer)
+
+    def push(self, token_id: int) -> str:
+        token_id = self._tok._check_id(token_id)
+        if token_id in self._tok.special_ids:
+            if self._skip_special:
+                return ""
+            text = self._run.flush() + self._tok.id_to_token(token_id)
+            self._run = _TextRun(self._tok)
+            return text
+        return self._run.push(token_id)
+
+    def flush(self) -> str:
+        return self._run.flush()
+
+
 class IncrementalDecoder:
     """Streaming detokenizer: `push(id)` returns only newly completed text, `flush()` the rest.
 
-    With `skip_special_tokens=True` (what upstream uses for responses) the pushes plus the flush
+    Works for every tokenizer of the family (each provides its stream through `text_stream()`). With
+    `skip_special_tokens=True` (what upstream uses for responses) the pushes plus the flush
     concatenate to exactly `tokenizer.decode(ids, skip_special_tokens=True)`. Text is held back while
-    it may still change: a byte-fallback sequence that is not a complete character yet (so no U+FFFD
-    is emitted for half a character) and the last few characters, whose spaces upstream's
-    `clean_up_tokenization` may still delete (" ." -> "."). Nothing is ever dropped or repeated.
+    it may still change: bytes that are not a complete UTF-8 character yet (so no U+FFFD is emitted
+    for half a character) and, where the tokenizer applies `clean_up_tokenization`, the last few
+    characters, whose spaces it may still delete (" ." -> "."). Nothing is ever dropped or repeated.
 
-    With `skip_special_tokens=False` a special token's text is emitted as it arrives, and each run of
-    other ids streams as `decode(run, skip_special_tokens=True)`. Upstream's full decode instead
-    inserts spaces retroactively (before the text preceding a special token, and between `<img>`-style
-    tokens), which no stream can reproduce; use `tokenizer.decode` when that exact string is needed.
+    With `skip_special_tokens=False` the byte-level BPE and Llama SentencePiece streams are exact too.
+    InternLM2's is not: a special token's text is emitted as it arrives, and each run of other ids
+    streams as `decode(run, skip_special_tokens=True)`, while upstream's full decode inserts spaces
+    retroactively (before the text preceding a special token, and between `<img>`-style tokens),
+    which no stream can reproduce; use `tokenizer.decode` when that exact string is needed.
     """
 
-    def __init__(self, tokenizer: InternLM2Tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self._run = _TextRun(tokenizer)
+        self._stream = tokenizer.text_stream(skip_special_tokens)
         self._finished = False
 
     def push(self, token_id: int) -> str:
         if self._finished:
             raise RuntimeError("IncrementalDecoder.push() after flush()")
-        token_id = self.tokenizer._check_id(token_id)
-        if token_id in self.tokenizer.special_ids:
-            if self.skip_special_tokens:
-                return ""
-            text = self._run.flush() + self.tokenizer.id_to_token(token_id)
-            self._run = _TextRun(self.tokenizer)
-            return text
-        return self._run.push(token_id)
+        return self._stream.push(token_id)
 
     def flush(self) -> str:
         """Emit everything still held back; the stream is over after this."""
         if self._finished:
             return ""
         self._finished = True
-        return self._run.flush()
+        return self._stream.flush()
