@@ -3,7 +3,8 @@
 Redis, the encoder, the decoder and the gateway run as real processes on loopback; images are sent as
 data URIs or fetched by the gateway from a real HTTP server on loopback (allowed with
 `--allowed-media-domains localhost --allow-private-media-addresses`). The decoder has one sequence
-slot and one queue place, so concurrent requests beyond that get 429. Encode calls are counted on the
+slot and two queue places (two, so that the two requests of an `n=2` call, which may both arrive before
+the engine admits either, always fit), so concurrent requests beyond that get 429. Encode calls are counted on the
 encoder's own metrics.
 """
 
@@ -81,7 +82,7 @@ def stack(tmp_path_factory) -> Iterator[HttpStack]:
         started.append(encoder)
         decoder = ServiceProcess("services.language_decoder",
                                  [*model_args(KIT.root), "--metrics-port", str(decoder_metrics),
-                                  "--max-num-seqs", "1", "--max-queue-size", "1"]).start()
+                                  "--max-num-seqs", "1", "--max-queue-size", "2"]).start()
         started.append(decoder)
         gateway = ServiceProcess("gateway", [
             "--encoder", encoder.address, "--decoder", decoder.address, "--redis-url", redis.url,
@@ -403,20 +404,20 @@ def test_413_media_too_large(stack):
 
 
 def test_429_with_retry_after_when_the_decoder_queue_is_full(stack):
-    start = threading.Barrier(6)
+    start = threading.Barrier(8)
 
     def one(_):
         start.wait()
         try:
-            hi(stack, client={}, max_tokens=400)
+            hi(stack, client={}, max_tokens=1000)
             return None
         except openai.RateLimitError as exc:
             return exc
 
-    with ThreadPoolExecutor(6) as pool:
-        outcomes = list(pool.map(one, range(6)))
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(one, range(8)))
     refused = [e for e in outcomes if e is not None]
-    assert refused, "one slot and one queue place: some of 6 concurrent requests must be refused"
+    assert refused, "one slot and two queue places: some of 8 concurrent requests must be refused"
     for exc in refused:
         assert exc.status_code == 429 and int(exc.response.headers["retry-after"]) >= 1
 
