@@ -438,7 +438,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if not 0 <= v.num_segments <= 64:
                 raise RequestError(bad, f"num_segments must be in 1..64 (0 = {DEFAULT_VIDEO_SEGMENTS}), "
                                         f"got {v.num_segments}")
-        problem = _sampling_problem(request.generation)
+        problem = _sampling_problem(request.generation, self.config.max_new_tokens)
         if problem:
             raise RequestError(bad, problem)
 
@@ -484,13 +484,17 @@ def _combine(features: list[Feature]) -> list[Feature]:
     return [Feature(key, Entry(first.dtype, shape, payload))]
 
 
-def _sampling_problem(p) -> str | None:
-    """The decoder checks these too; checked here as well so a doomed request encodes no image."""
+def _sampling_problem(p, max_new_tokens: int) -> str | None:
+    """The decoder checks these too; checked here as well so a doomed request encodes no image.
+    `max_new_tokens` is the gateway's own cap: the longest generation its drain is sized for."""
     for name in ("temperature", "top_p", "repetition_penalty"):
         if p.HasField(name) and not math.isfinite(getattr(p, name)):
             return f"generation.{name} must be a finite number, got {getattr(p, name)}"
     if p.max_new_tokens < 0:
         return f"generation.max_new_tokens must be >= 0 (0 = the server default), got {p.max_new_tokens}"
+    if p.max_new_tokens > max_new_tokens:
+        return (f"generation.max_new_tokens must be <= {max_new_tokens} (this gateway's --max-new-tokens), "
+                f"got {p.max_new_tokens}")
     if p.HasField("temperature") and p.temperature < 0:
         return f"generation.temperature must be >= 0 (0 = greedy), got {p.temperature}"
     if p.HasField("top_p") and not 0 < p.top_p <= 1:
