@@ -6,6 +6,7 @@ import grpc
 import pytest
 from grpc.aio import AioRpcError, Metadata
 
+from gateway.config import MAX_NEW_TOKENS
 from gateway.servicer import _peer_error, _sampling_problem
 from internvl.v1 import decoder_pb2
 
@@ -41,12 +42,14 @@ def test_other_peer_failures_are_internal():
     ({"top_k": -2}, "top_k must be >= 0"),
     ({"repetition_penalty": -1.0}, "repetition_penalty must be > 0"),
     ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+    ({"max_new_tokens": MAX_NEW_TOKENS + 1}, f"max_new_tokens must be <= {MAX_NEW_TOKENS}"),
 ])
 def test_sampling_problems(fields, problem):
-    assert problem in _sampling_problem(decoder_pb2.SamplingParams(**fields))
+    assert problem in _sampling_problem(decoder_pb2.SamplingParams(**fields), MAX_NEW_TOKENS)
 
 
 @pytest.mark.parametrize("fields", [{}, {"temperature": 0.0}, {"top_p": 1.0, "top_k": 0},
-                                    {"repetition_penalty": 1.3, "max_new_tokens": 5, "do_sample": True}])
+                                    {"repetition_penalty": 1.3, "max_new_tokens": 5, "do_sample": True},
+                                    {"max_new_tokens": MAX_NEW_TOKENS}])
 def test_valid_sampling(fields):
-    assert _sampling_problem(decoder_pb2.SamplingParams(**fields)) is None
+    assert _sampling_problem(decoder_pb2.SamplingParams(**fields), MAX_NEW_TOKENS) is None
