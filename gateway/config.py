@@ -38,6 +38,12 @@ API_KEYS_ENV = "IVL_GATEWAY_API_KEYS"
 DEFAULT_METRICS_PORT = 9101
 DEFAULT_HTTP_PORT = 8000
 MiB = 1024 * 1024
+# The longest generation a client may ask for (generation.max_new_tokens), and the slowest decode
+# rate per stream the deployment is sized for (InternVL2-8B on the smallest supported GPU with every
+# --max-num-seqs slot busy). A drain (--grace-seconds of the decoder and the gateway) must cover
+# MAX_NEW_TOKENS / MIN_DECODE_TOKENS_PER_S; tests/deploy/test_manifests.py checks the manifests.
+MAX_NEW_TOKENS = 1024
+MIN_DECODE_TOKENS_PER_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class GatewayConfig:
     max_video_bytes: int = 64 * 1024 * 1024
     max_text_bytes: int = 64 * 1024
     max_batch_size: int = 64
+    max_new_tokens: int = MAX_NEW_TOKENS  # requests asking for more are INVALID_ARGUMENT
     # Used when a call has no deadline: nothing waits on a peer forever.
     default_timeout_s: float = 600.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty + insecure_open = no auth
@@ -92,6 +99,8 @@ class GatewayConfig:
             raise ValueError("--log-level must be a level name (DEBUG, INFO, WARNING, ERROR)")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if self.max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be >= 1")
 
     def client_url(self, url: str) -> str:
         """`url` with the TLS CA as redis-py's `ssl_ca_certs` URL option (for rediss:// URLs)."""
@@ -160,6 +169,8 @@ class GatewayConfig:
                   default="")
         flags.add("--peer-tls-key", str, "PEM private key of --peer-tls-cert", default="")
         flags.add("--redis-tls-ca", str, "PEM CA of the Redis server's certificate (rediss:// URLs)", default="")
+        flags.add("--max-new-tokens", int, "largest generation.max_new_tokens accepted (the drain must cover it: "
+                  f"--grace-seconds >= it / {MIN_DECODE_TOKENS_PER_S:g} tokens/s)", default=MAX_NEW_TOKENS)
         flags.add("--metrics-port", int, "Prometheus /metrics port (0 = off)", default=DEFAULT_METRICS_PORT)
         flags.add("--metrics-host", str, "metrics bind address (default: the same as --host)", default="")
         flags.add("--log-level", str, "logging level", default="INFO")
@@ -203,6 +214,7 @@ class GatewayConfig:
                 cache=FeatureCacheConfig(ttl_s=a.feature_ttl),
                 sessions=SessionConfig(default_ttl_s=a.session_ttl, max_ttl_s=max(a.session_ttl, 7 * 24 * 3600)),
                 max_images_per_request=a.max_images,
+                max_new_tokens=a.max_new_tokens,
                 api_keys=keys,
                 insecure_open=a.insecure_open,
                 peer_tls=ClientTls.from_flags(a.peer_tls_ca, a.peer_tls_cert, a.peer_tls_key),

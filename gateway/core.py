@@ -413,6 +413,9 @@ class ChatCore:
         if problem:
             fields = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "stop")
             raise bad(problem, next((f for f in fields if problem.startswith(f) or f"{f} " in problem), None))
+        if request.sampling.max_new_tokens > cfg.max_new_tokens:  # the longest generation a drain covers
+            raise bad(f"max_new_tokens must be <= {cfg.max_new_tokens} (this gateway's --max-new-tokens), "
+                      f"got {request.sampling.max_new_tokens}", "max_new_tokens")
 
     @staticmethod
     def _question(turn: UserTurn) -> str:

@@ -5,6 +5,11 @@ reflection, message-size limits, TLS (mutual with a client CA) when configured, 
 logs, RPC metrics on a Prometheus endpoint (with the service's own collectors), and a graceful stop
 on SIGTERM/SIGINT: health flips to NOT_SERVING, new calls are refused, in-flight calls get
 `grace_seconds` to finish and are cancelled after that (a second signal cancels them at once).
+
+Health names: "" and each service's name say SERVING while the process takes calls (model loaded,
+engine healthy, not draining): readiness probes ask for "". LIVENESS_SERVICE says SERVING from start
+to exit, so a liveness probe restarts only a process that no longer answers at all, never one that is
+loading, draining, or waiting out its engine's recovery time (services/common/engine_health.py).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.registry import Collector
 
+from services.common.engine_health import EXIT_CODE as ENGINE_DEAD_EXIT_CODE
+from services.common.engine_health import EngineDead
 from services.common.interceptors import MonitoringInterceptor, RequestIdInterceptor
 from services.common.metrics import ServiceMetrics
 from services.common.security import ServerTls
@@ -28,6 +35,7 @@ from services.common.security import ServerTls
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+LIVENESS_SERVICE = "liveness"
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ class GrpcServer:
         names = [svc.name for svc in self.services]
         reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], self.server)
         self.port: int | None = None
+        self._draining = False
 
     async def start(self) -> int:
         tls = self.config.tls
@@ -110,6 +119,7 @@ class GrpcServer:
         if not self.port:
             raise RuntimeError(f"could not bind {self.config.address}")
         await self.set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
         mode = "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS")
         log.info("listening on %s:%d (%s)", self.config.host, self.port, mode)
@@ -117,6 +127,9 @@ class GrpcServer:
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
+        """Publish the readiness state; SERVING is ignored once the drain has begun."""
+        if serving and self._draining:
+            return
         states = health_pb2.HealthCheckResponse
         status = states.SERVING if serving else states.NOT_SERVING
         for name in ["", *(svc.name for svc in self.services)]:
@@ -124,6 +137,7 @@ class GrpcServer:
 
     async def stop(self, *, now: bool = False) -> None:
         """Refuse new calls; in-flight ones get the grace period (none with `now`), then are cancelled."""
+        self._draining = True
         await self.set_serving(False)
         try:
             await self.server.stop(None if now else self.config.grace_seconds)
@@ -147,11 +161,15 @@ def run_until_exit(main: Coroutine[object, object, None]) -> None:
 def run_process(name: str, main: Coroutine[object, object, None],
                 operator_errors: tuple[type[Exception], ...] = ()) -> int:
     """A service's exit code: 0 after a clean stop, 2 on an operator error (bad checkpoint, bad
-    certificates: the message says it all), 1 on anything else (logged with its traceback)."""
+    certificates: the message says it all), engine_health.EXIT_CODE when the engine did not recover,
+    1 on anything else (logged with its traceback)."""
     try:
         run_until_exit(main)
     except KeyboardInterrupt:
         pass
+    except EngineDead as exc:
+        log.error("%s stopped: %s", name, exc)
+        return ENGINE_DEAD_EXIT_CODE
     except operator_errors as exc:
         log.error("%s cannot start: %s", name, exc)
         return 2
@@ -161,8 +179,13 @@ def run_process(name: str, main: Coroutine[object, object, None],
     return 0
 
 
-async def serve_until_signal(server: GrpcServer, load: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Start, run `load` (model loading) while health says NOT_SERVING, then serve until SIGTERM."""
+async def serve_until_signal(server: GrpcServer, load: Callable[[], Awaitable[None]] | None = None,
+                             watch: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Start, run `load` (model loading) while health says NOT_SERVING, then serve until SIGTERM.
+
+    `watch` (e.g. `EngineHealth.watch`) runs beside serving until the drain starts; its exception
+    (EngineDead) ends serving and propagates.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -181,7 +204,14 @@ async def serve_until_signal(server: GrpcServer, load: Callable[[], Awaitable[No
         loading.result()  # re-raise a failed load
     await server.set_serving(True)
     log.info("serving")
-    await stop.wait()
+    stopping = asyncio.ensure_future(stop.wait())
+    watching = asyncio.ensure_future(watch()) if watch is not None else None
+    await asyncio.wait([stopping, *([watching] if watching else [])], return_when=asyncio.FIRST_COMPLETED)
+    if watching is not None:
+        if watching.done():
+            stopping.cancel()
+            watching.result()  # EngineDead: the caller stops the server now and the process exits
+        watching.cancel()
     log.info("stopping: new calls refused, in-flight calls get %.0fs (a second signal cancels them now)",
              server.config.grace_seconds)
     hurried: set[asyncio.Future] = set()  # referenced until the process ends

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from internvl.v1 import decoder_pb2_grpc
 from services.common.checkpoint import CheckpointError
+from services.common.engine_health import EngineHealthCollector
 from services.common.logging import configure_logging
 from services.common.metrics import DecoderCollector
 from services.common.security import SecurityConfigError
@@ -30,14 +31,16 @@ async def serve(config: DecoderConfig) -> None:
     server = GrpcServer(
         config.server_config(),
         [Service(SERVICE_NAME, decoder_pb2_grpc.add_LanguageDecoderServicer_to_server, servicer)],
-        collectors=[DecoderCollector(lambda: servicer.runtime.engine if servicer.runtime else None)],
+        collectors=[DecoderCollector(lambda: servicer.runtime.engine if servicer.runtime else None),
+                    EngineHealthCollector(lambda: servicer.runtime.health if servicer.runtime else None)],
     )
 
     async def load() -> None:
         servicer.attach(await asyncio.to_thread(DecoderRuntime.load, config))
 
     try:
-        await serve_until_signal(server, load=load)
+        await serve_until_signal(server, load=load,
+                                 watch=lambda: servicer.runtime.health.watch(server.set_serving, servicer.probe))
     except BaseException:
         await server.stop(now=True)
         raise

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from services.common.engine_health import EngineHealthConfig, add_engine_health_flags, engine_health_problems
 from services.common.flags import EnvFlags, add_serving_flags, server_tls, serving_problems
 from services.common.server import MiB, ServerConfig
 
@@ -42,6 +43,9 @@ class DecoderConfig:
     max_images_per_request: int = 64
     max_image_tiles: int = 1024  # all images of one request together
     grace_seconds: float = 30.0
+    engine_max_failures: int = EngineHealthConfig.max_failures
+    engine_recovery_timeout: float = EngineHealthConfig.recovery_timeout_s
+    test_fault_file: str = ""  # test-only (hidden flag): every model call fails while this file exists
     torch_threads: int = 0
     log_level: str = "INFO"
     log_format: str = "text"  # text | json
@@ -69,9 +73,13 @@ class DecoderConfig:
                 (self.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}"),
             ]
             if not ok
-        ] + serving_problems(self)
+        ] + serving_problems(self) + engine_health_problems(
+            self.engine_max_failures, self.engine_recovery_timeout)
         if errors:
             raise ValueError("; ".join(errors))
+
+    def engine_health_config(self) -> EngineHealthConfig:
+        return EngineHealthConfig(self.engine_max_failures, self.engine_recovery_timeout, self.test_fault_file)
 
     def server_config(self) -> ServerConfig:
         # Requests carry image embeddings in chunks of a few MiB; responses are small text deltas.
@@ -130,6 +138,7 @@ class DecoderConfig:
         flags.add("--grace-seconds", float, "time in-flight calls get to finish on SIGTERM")
         flags.add("--torch-threads", int, "torch intra-op threads on CPU (0 = torch's default)")
         add_serving_flags(flags)
+        add_engine_health_flags(flags)
         args = parser.parse_args(argv)
         try:
             return cls(**vars(args))

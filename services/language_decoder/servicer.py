@@ -27,6 +27,7 @@ import torch
 
 from internvl.v1 import decoder_pb2, decoder_pb2_grpc
 from services.common.checkpoint import parse_dtype, resolve_model_dir
+from services.common.engine_health import EngineHealth
 from services.common.fingerprint import model_fingerprint
 from services.common.limits import MAX_STOP_TOKEN_IDS, proto_sampling_problem
 from services.common.model_config import InternVLConfig
@@ -77,6 +78,7 @@ class DecoderRuntime:
     dtype: torch.dtype
     fingerprint: str
     max_model_len: int
+    health: EngineHealth  # counts failed engine steps (services/common/engine_health.py)
 
     @property
     def template(self) -> ChatTemplate:
@@ -118,11 +120,13 @@ class DecoderRuntime:
                 hint = " (if torch.compile cannot run here, start with --compile-layers off)"
                 raise RuntimeError(f"{exc}{hint if engine_config.compile_layers else ''}") from exc
             log.info("warm-up (compilation, CUDA graphs) took %.1fs", time.monotonic() - warm_start)
-        engine = AsyncEngine(llm_engine)
+        health = EngineHealth(config.engine_health_config(), "decoder engine step")
+        health.fault.install_on_module(model.model.tok_embeddings)  # test-only switch; every step embeds
+        engine = AsyncEngine(llm_engine, on_step=health.record)
         fingerprint = model_fingerprint(root, DTYPE_NAMES[TORCH_TO_WIRE[dtype]])
         log.info("loaded language model from %s on %s in %s (fingerprint %s) in %.1fs",
                  root, device, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], fingerprint, time.monotonic() - started)
-        return cls(engine, tokenizer, model_config, dtype, fingerprint, config.max_model_len)
+        return cls(engine, tokenizer, model_config, dtype, fingerprint, config.max_model_len, health)
 
 
 class ResponseText:
@@ -155,6 +159,15 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
     def close(self) -> None:
         if self.runtime is not None:
             self.runtime.engine.close()
+
+    async def probe(self) -> None:
+        """One throwaway one-token generation through the engine (the engine-health probe)."""
+        rt = self.runtime
+        assert rt is not None, "probed before the model was loaded"
+        request = EngineRequest(f"__health-probe-{uuid.uuid4().hex}", rt.tokenizer.encode("health probe"),
+                                SamplingParams(max_new_tokens=1))
+        async for _ in rt.engine.generate(request):
+            pass
 
     async def GetModelInfo(self, request, context) -> decoder_pb2.DecoderInfo:
         rt = await self._runtime(context)

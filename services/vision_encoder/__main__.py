@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from internvl.v1 import vision_pb2_grpc
 from services.common.checkpoint import CheckpointError
+from services.common.engine_health import EngineHealthCollector
 from services.common.logging import configure_logging
 from services.common.metrics import EncoderCollector
 from services.common.security import SecurityConfigError
@@ -30,7 +31,8 @@ async def serve(config: EncoderConfig) -> None:
     server = GrpcServer(
         config.server_config(),
         [Service(SERVICE_NAME, vision_pb2_grpc.add_VisionEncoderServicer_to_server, servicer)],
-        collectors=[EncoderCollector(lambda: servicer.batcher)],
+        collectors=[EncoderCollector(lambda: servicer.batcher),
+                    EngineHealthCollector(lambda: servicer.runtime.health if servicer.runtime else None)],
     )
 
     async def load() -> None:
@@ -38,7 +40,8 @@ async def serve(config: EncoderConfig) -> None:
         servicer.attach(await asyncio.to_thread(ModelRuntime.load, config))
 
     try:
-        await serve_until_signal(server, load=load)
+        await serve_until_signal(server, load=load,
+                                 watch=lambda: servicer.runtime.health.watch(server.set_serving, servicer.probe))
     except BaseException:
         await server.stop(now=True)  # e.g. the model failed to load: release the port
         raise

@@ -89,12 +89,14 @@ class Batcher:
         max_batch_tiles: int,
         batch_wait_ms: float,
         max_queued_tiles: int,
+        on_batch: Callable[[bool], None] = lambda ok: None,
     ):
         if max_batch_tiles < 1 or max_queued_tiles < max_batch_tiles or batch_wait_ms < 0:
             raise ValueError(
                 "need max_batch_tiles >= 1, max_queued_tiles >= max_batch_tiles, batch_wait_ms >= 0"
             )
         self._forward = forward
+        self._on_batch = on_batch  # told after each forward pass whether it worked (engine health)
         self.max_batch_tiles = max_batch_tiles
         self.batch_wait_s = batch_wait_ms / 1000
         self.max_queued_tiles = max_queued_tiles
@@ -204,7 +206,9 @@ class Batcher:
             self.stats.failed_batches += 1
             log.exception("encoder forward failed for a batch of %d tiles", tiles)
             self._fail(batch, exc)
+            self._on_batch(False)
             return
+        self._on_batch(True)
         self.stats.batches += 1
         self.stats.tiles += tiles
         self.stats.batch_sizes[tiles] += 1

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from services.common.engine_health import EngineHealthConfig, add_engine_health_flags, engine_health_problems
 from services.common.flags import EnvFlags, add_serving_flags, server_tls, serving_problems
 from services.common.server import MiB, ServerConfig
 from services.common.wire import DEFAULT_CHUNK_BYTES
@@ -49,6 +50,9 @@ class EncoderConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_request_bytes: int = 64 * MiB
     grace_seconds: float = 30.0
+    engine_max_failures: int = EngineHealthConfig.max_failures
+    engine_recovery_timeout: float = EngineHealthConfig.recovery_timeout_s
+    test_fault_file: str = ""  # test-only (hidden flag): every model call fails while this file exists
     preprocess_threads: int = 4
     torch_threads: int = 0  # 0 = torch's default
     log_level: str = "INFO"
@@ -85,7 +89,8 @@ class EncoderConfig:
             (self.preprocess_threads >= 1, "--preprocess-threads must be >= 1"),
             (self.torch_threads >= 0, "--torch-threads must be >= 0"),
         ]
-        errors = [msg for ok, msg in checks if not ok] + serving_problems(self)
+        errors = [msg for ok, msg in checks if not ok] + serving_problems(self) + engine_health_problems(
+            self.engine_max_failures, self.engine_recovery_timeout)
         if errors:
             raise ConfigError("; ".join(errors))
 
@@ -93,6 +98,9 @@ class EncoderConfig:
     def max_send_bytes(self) -> int:
         # Responses are chunked, so the send limit only needs to fit one chunk; keep gRPC's default floor.
         return max(16 * MiB, 2 * DEFAULT_CHUNK_BYTES)
+
+    def engine_health_config(self) -> EngineHealthConfig:
+        return EngineHealthConfig(self.engine_max_failures, self.engine_recovery_timeout, self.test_fault_file)
 
     def server_config(self) -> ServerConfig:
         return ServerConfig(
@@ -138,6 +146,7 @@ class EncoderConfig:
         add("--preprocess-threads", int, "threads decoding and tiling images and videos")
         add("--torch-threads", int, "torch intra-op threads on CPU (0 = torch's default)")
         add_serving_flags(flags)
+        add_engine_health_flags(flags)
         args = parser.parse_args(argv)
         try:
             return cls(**vars(args))

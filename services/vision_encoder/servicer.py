@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import grpc
 import torch
@@ -33,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from internvl.v1 import tensor_pb2, vision_pb2, vision_pb2_grpc
 from services.common.checkpoint import parse_dtype, resolve_model_dir
+from services.common.engine_health import EngineHealth, EngineHealthConfig
 from services.common.fingerprint import model_fingerprint
 from services.common.limits import DEFAULT_VIDEO_MAX_TILES, resolve_tiling
 from services.common.model_config import InternVLConfig
@@ -52,6 +53,7 @@ from services.vision_encoder.preprocess import (
 )
 
 log = logging.getLogger(__name__)
+ENGINE_STEP = "encoder batch"  # what engine health counts, for its log lines
 
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
 # get_index's own defaults for an open bound (seconds).
@@ -76,6 +78,8 @@ class ModelRuntime:
     model_config: InternVLConfig
     wire_dtype: int  # the compute dtype, as a tensor_pb2.DType
     fingerprint: str
+    # Counts failed forward passes (services/common/engine_health.py).
+    health: EngineHealth = field(default_factory=lambda: EngineHealth(EngineHealthConfig(), ENGINE_STEP))
 
     @classmethod
     def load(cls, config: EncoderConfig) -> ModelRuntime:
@@ -105,7 +109,8 @@ class ModelRuntime:
             fingerprint,
             time.monotonic() - started,
         )
-        return cls(forward, encoder.config, wire_dtype, fingerprint)
+        health = EngineHealth(config.engine_health_config(), ENGINE_STEP)
+        return cls(health.fault.wrap(forward), encoder.config, wire_dtype, fingerprint, health)
 
 
 @dataclass(frozen=True)
@@ -148,12 +153,23 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
             max_batch_tiles=self.config.max_batch_tiles,
             batch_wait_ms=self.config.batch_wait_ms,
             max_queued_tiles=self.config.max_queued_tiles,
+            on_batch=runtime.health.record,
         )
         self._runtime = runtime
 
     @property
     def batcher(self) -> Batcher | None:
         return self._batcher
+
+    @property
+    def runtime(self) -> ModelRuntime | None:
+        return self._runtime
+
+    async def probe(self) -> None:
+        """One throwaway blank tile through the batcher (the engine-health probe)."""
+        assert self._runtime is not None and self._batcher is not None, "probed before the model was loaded"
+        size = self._runtime.model_config.image_size
+        await self._batcher.submit(torch.zeros(1, 3, size, size))
 
     async def close(self) -> None:
         if self._batcher is not None:

@@ -8,6 +8,13 @@
   on the right ports, GPU requests that match `--device`, an HPA and a PDB per service, termination
   grace longer than each process's own `--grace-seconds` (read by the services' real flag parsers
   from the rendered ConfigMaps), non-root and read-only containers, Secrets never rendered in prod.
+- What a real cluster needs: no `replicas` where an HPA owns the count; a model volume that binds
+  (pre-provisioned PersistentVolume, `storageClassName: ""`) and a Job that fills it, mounted
+  read-only by the model pods; NetworkPolicies evaluated flow by flow against the listed flows; a
+  drain that covers the longest generation the gateway accepts (gateway.config.MAX_NEW_TOKENS at
+  MIN_DECODE_TOKENS_PER_S); hard anti-affinity and GPU node affinity in prod; rollout deadlines
+  beyond the startup budget; the `restricted` Pod Security Standard; ephemeral-storage requests; the
+  PodMonitor; files named in comments and docs exist.
 - compose.yaml: GPU pinning (encoder GPU 0, decoder GPU 1), two Redis (sessions: noeviction + AOF on a
   volume; features: bounded LRU), the API key from a compose secret file, health checks, start order.
 - Two Redis stores everywhere (see "two Redis stores" below), no Secret value on a command line.
@@ -23,6 +30,7 @@ import contextlib
 import functools
 import importlib.metadata
 import io
+import ipaddress
 import os
 import re
 import shutil
@@ -30,6 +38,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from packaging.requirements import Requirement
+
+from gateway.config import MIN_DECODE_TOKENS_PER_S
+from services.common.server import LIVENESS_SERVICE
 
 try:
     import kubernetes_validate
@@ -49,6 +61,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+# Everything `kubectl apply -k` takes: the overlays and the model volume for the prod ones.
+KUSTOMIZATIONS = {**{name: K8S / "overlays" / name for name in OVERLAYS}, "models": K8S / "models"}
 KUBERNETES_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 GPU = "nvidia.com/gpu"
 
@@ -84,10 +98,11 @@ def kubectl() -> str:
 
 @functools.cache
 def render(overlay: str) -> tuple[dict, ...]:
-    proc = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
-                          capture_output=True, text=True, timeout=120)
+    """The objects of one of KUSTOMIZATIONS (an overlay's name, or "models")."""
+    path = KUSTOMIZATIONS[overlay]
+    proc = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        pytest.fail(f"`kubectl kustomize deploy/k8s/overlays/{overlay}` failed ({proc.returncode}):\n{proc.stderr}",
+        pytest.fail(f"`kubectl kustomize {path.relative_to(REPO)}` failed ({proc.returncode}):\n{proc.stderr}",
                     pytrace=False)
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
 
@@ -100,6 +115,11 @@ def one(objects: tuple[dict, ...], kind: str, name: str) -> dict:
     found = find(objects, kind, name)
     assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
     return found[0]
+
+
+def workloads(objects: tuple[dict, ...]) -> list[dict]:
+    """Everything that runs pods."""
+    return find(objects, "Deployment") + find(objects, "StatefulSet") + find(objects, "Job")
 
 
 def pod_spec(workload: dict) -> dict:
@@ -202,7 +222,7 @@ def test_overlays_present():
     assert {"dev", "prod", "prod-managed-redis"} <= set(OVERLAYS)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", KUSTOMIZATIONS)
 def test_overlay_renders_and_validates(overlay: str):
     objects = render(overlay)
     assert objects, f"{overlay} rendered nothing"
@@ -268,6 +288,10 @@ def test_probes_hpa_pdb_per_service(overlay: str):
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container.get(probe, {}).get("grpc", {}).get("port") == port, \
                 f"{name}: {probe} must be a native gRPC probe on port {port}"
+        # Liveness must not restart a pod that is loading, draining or waiting out its engine's recovery.
+        assert container["livenessProbe"]["grpc"].get("service") == LIVENESS_SERVICE, \
+            f"{name}: the liveness probe asks for health name {LIVENESS_SERVICE!r}"
+        assert container["readinessProbe"]["grpc"].get("service", "") == "", f"{name}: readiness asks for \"\""
         startup = container["startupProbe"]
         if service != "gateway":  # model load: minutes, more for a Hub download
             assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, f"{name}: startupProbe too short"
@@ -343,10 +367,10 @@ def test_settings_parse_and_grace_covers_drain(overlay: str):
     assert decoder >= 120 and gateway >= decoder
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", KUSTOMIZATIONS)
 def test_pods_locked_down(overlay: str):
     objects = render(overlay)
-    for workload in find(objects, "Deployment") + find(objects, "StatefulSet"):
+    for workload in workloads(objects):
         name = workload["metadata"]["name"]
         pod = pod_spec(workload)
         assert pod["securityContext"].get("runAsNonRoot") is True, name
@@ -499,6 +523,417 @@ def test_no_secret_on_a_command_line(overlay: str):
             assert "--requirepass" not in argv
 
 
+# ------------------------------------------------------------------------------------------ issue 17: a real cluster
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpa_targets_have_no_replicas(overlay: str):
+    """An HPA owns its workload's replica count: `replicas` in a manifest would reset it on every apply."""
+    objects = render(overlay)
+    hpas = find(objects, "HorizontalPodAutoscaler")
+    assert hpas, f"{overlay}: no HorizontalPodAutoscaler"
+    for hpa in hpas:
+        target = hpa["spec"]["scaleTargetRef"]
+        workload = one(objects, target["kind"], target["name"])
+        assert "replicas" not in workload["spec"], \
+            f"{overlay}: {target['kind']} {target['name']} sets replicas, but HPA {hpa['metadata']['name']} owns it"
+
+
+def startup_budget_s(container: dict) -> int:
+    probe = container["startupProbe"]
+    return probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rollout_deadline_covers_startup(overlay: str):
+    """A rollout is not declared failed while its new pod is still inside its startup budget."""
+    objects = render(overlay)
+    for service, (name, _) in SERVICES.items():
+        deployment = one(objects, "Deployment", name)
+        deadline = deployment["spec"].get("progressDeadlineSeconds", 600)  # Kubernetes' default
+        assert deadline >= startup_budget_s(main_container(objects, service)), \
+            f"{name}: progressDeadlineSeconds {deadline} < its startup probe's budget"
+    # The model pods: the 30-minute budget for loading weights from the base (prod keeps it).
+    for service in ("encoder", "decoder"):
+        assert startup_budget_s(main_container(render("prod"), service)) >= 1800
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_drain_covers_longest_generation(overlay: str):
+    """The longest generation the gateway accepts finishes within the decoder's and the gateway's drain
+    at the decode rate the deployment is sized for; a request leaving max_new_tokens 0 gets no more."""
+    objects = render(overlay)
+    configs = {s: parse_config(s, container_env(objects, main_container(objects, s))) for s in SERVICES}
+    longest_s = configs["gateway"].max_new_tokens / MIN_DECODE_TOKENS_PER_S
+    assert configs["decoder"].default_max_new_tokens <= configs["gateway"].max_new_tokens
+    for service in ("decoder", "gateway"):
+        grace = grace_seconds(service, configs[service])
+        assert grace >= longest_s, (f"{service}: drain {grace}s < {configs['gateway'].max_new_tokens} tokens at "
+                                    f"{MIN_DECODE_TOKENS_PER_S} tokens/s = {longest_s:.0f}s")
+        pod = pod_spec(one(objects, "Deployment", SERVICES[service][0]))
+        assert pod["terminationGracePeriodSeconds"] > longest_s + prestop_sleep(main_container(objects, service))
+
+
+@pytest.mark.parametrize("overlay", [o for o in OVERLAYS if o.startswith("prod")])
+def test_prod_model_pods_one_per_gpu_node(overlay: str):
+    """Hard anti-affinity per model service, and node affinity for the GPU each needs (docs: the decoder
+    needs >= 40 GB)."""
+    objects = render(overlay)
+    for service in ("encoder", "decoder"):
+        name = SERVICES[service][0]
+        pod = pod_spec(one(objects, "Deployment", name))
+        labels = one(objects, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        anti = pod.get("affinity", {}).get("podAntiAffinity", {})
+        anti = anti.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        assert any(term["topologyKey"] == "kubernetes.io/hostname"
+                   and term["labelSelector"]["matchLabels"].items() <= labels.items() for term in anti), \
+            f"{name}: no required pod anti-affinity on kubernetes.io/hostname against its own pods"
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        expressions = {e["key"]: e for term in terms for e in term["matchExpressions"]}
+        assert len(terms) == 1, f"{name}: one node selector term (terms are ORed)"
+        if service == "decoder":
+            memory = expressions.get("nvidia.com/gpu.memory")
+            assert memory and memory["operator"] == "Gt" and int(memory["values"][0]) >= 38 * 1024, \
+                f"{name}: must require a GPU of >= 40 GB (nvidia.com/gpu.memory, MiB)"
+        else:
+            assert expressions.get("nvidia.com/gpu.present", {}).get("values") == ["true"], name
+        assert "topologySpreadConstraints" not in pod, f"{name}: the anti-affinity replaces the soft spread"
+
+
+@pytest.mark.parametrize("overlay", KUSTOMIZATIONS)
+def test_ephemeral_storage_requested(overlay: str):
+    """Every container of ours says how much node disk it uses, and disk-backed emptyDirs are bounded."""
+    objects = render(overlay)
+    for workload in find(objects, "Deployment") + find(objects, "StatefulSet") + find(objects, "Job"):
+        name = workload["metadata"]["name"]
+        pod = pod_spec(workload)
+        for c in pod["containers"] + pod.get("initContainers", []):
+            resources, where = c.get("resources", {}), f"{name}/{c['name']}"
+            assert "ephemeral-storage" in resources.get("requests", {}), f"{where}: ephemeral-storage request"
+            assert "ephemeral-storage" in resources.get("limits", {}), f"{where}: ephemeral-storage limit"
+        for volume in pod.get("volumes", []):
+            empty = volume.get("emptyDir")
+            if empty is not None and empty.get("medium") != "Memory" and volume["name"] != "models":
+                assert "sizeLimit" in empty, f"{name}: emptyDir {volume['name']} has no sizeLimit"
+
+
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}
+
+
+def restricted_problems(pod: dict) -> list[str]:
+    """What breaks the Pod Security Standard `restricted` (the checks Pod Security Admission runs)."""
+    problems = [f"{key} is set" for key in ("hostNetwork", "hostPID", "hostIPC") if pod.get(key)]
+    problems += [f"volume {v['name']}: type {sorted(set(v) - {'name'})}" for v in pod.get("volumes", [])
+                 if not set(v) - {"name"} <= RESTRICTED_VOLUME_TYPES]
+    pod_sc = pod.get("securityContext", {})
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c.get("securityContext", {})
+        where = c["name"]
+        if sc.get("privileged"):
+            problems.append(f"{where}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation must be false")
+        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+            problems.append(f"{where}: capabilities must drop ALL")
+        if set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{where}: adds capabilities")
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+            problems.append(f"{where}: runAsNonRoot")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+            problems.append(f"{where}: runs as uid 0")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{where}: seccompProfile {seccomp}")
+        if any("hostPort" in p for p in c.get("ports", [])):
+            problems.append(f"{where}: hostPort")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", KUSTOMIZATIONS)
+def test_pod_security_restricted(overlay: str):
+    """The namespace enforces the `restricted` Pod Security Standard, and every pod meets it."""
+    objects = render(overlay)
+    namespaces = find(objects, "Namespace")
+    if overlay != "models":  # the model volume goes into the prod overlay's namespace
+        assert len(namespaces) == 1, f"{overlay}: renders its Namespace"
+        labels = namespaces[0]["metadata"].get("labels", {})
+        for mode in ("enforce", "warn", "audit"):
+            assert labels.get(f"pod-security.kubernetes.io/{mode}") == "restricted", \
+                f"{overlay}: namespace label pod-security.kubernetes.io/{mode}=restricted"
+    for workload in workloads(objects):
+        problems = restricted_problems(pod_spec(workload))
+        assert not problems, f"{workload['metadata']['name']} breaks the restricted profile: {problems}"
+
+
+def test_restricted_check_rejects_what_it_should():
+    pod = {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+           "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False,
+                                                             "capabilities": {"drop": ["ALL"]}}}]}
+    assert restricted_problems(pod) == []
+    assert restricted_problems({**pod, "volumes": [{"name": "h", "hostPath": {"path": "/"}}]})
+    assert restricted_problems({**pod, "securityContext": {"runAsNonRoot": True}})
+
+
+# The model volume: a pre-provisioned PersistentVolume bound by name, filled once by a Job.
+
+
+def test_model_volume_binds_and_fills():
+    from services.tools import fetch_model
+
+    objects = render("models")
+    pv, pvc = find(objects, "PersistentVolume"), find(objects, "PersistentVolumeClaim")
+    assert len(pv) == 1 and len(pvc) == 1, "one PersistentVolume and its claim"
+    pv, pvc = pv[0], pvc[0]
+    # Bound statically: no StorageClass (a default one would provision an empty volume instead).
+    assert pv["spec"]["storageClassName"] == "" and pvc["spec"]["storageClassName"] == ""
+    assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
+    assert pv["spec"]["claimRef"] == {"namespace": pvc["metadata"]["namespace"], "name": pvc["metadata"]["name"]}
+    assert set(pvc["spec"]["accessModes"]) <= set(pv["spec"]["accessModes"])
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"], "the fill Job writes while many nodes mount it"
+    assert kubernetes_bytes(pv["spec"]["capacity"]["storage"]) >= kubernetes_bytes(
+        pvc["spec"]["resources"]["requests"]["storage"])
+    assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+    # The fill Job: writes through the claim, into the directory the prod pods load.
+    job = one(objects, "Job", "internvl-models-fill")
+    pod = pod_spec(job)
+    volume = next(v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName")
+                  == pvc["metadata"]["name"])
+    assert not volume["persistentVolumeClaim"].get("readOnly")
+    (container,) = pod["containers"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert not mount.get("readOnly"), "the fill Job must write the volume"
+    command = container["command"]
+    assert command[:3] == ["python", "-m", "services.tools.fetch_model"], command
+    args = fetch_model.parse_args(command[3:])  # the tool accepts exactly these arguments
+    prod = render("prod")
+    assert pvc["metadata"]["namespace"] == one(prod, "Namespace", pvc["metadata"]["namespace"])["metadata"]["name"]
+    prod_env = container_env(prod, main_container(prod, "decoder"))
+    assert str(args.directory) == prod_env["IVL_MODEL"], "the Job fills the directory the prod pods load"
+    assert str(args.directory).startswith(mount["mountPath"].rstrip("/") + "/")
+    assert container["image"] == main_container(prod, "decoder")["image"], "the same image as overlays/prod"
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] >= 1
+
+
+@pytest.mark.parametrize("overlay", [o for o in OVERLAYS if o.startswith("prod")])
+def test_model_pods_mount_the_volume_read_only(overlay: str):
+    claim = one(render("models"), "PersistentVolumeClaim", "internvl-models")["metadata"]["name"]
+    objects = render(overlay)
+    for service in ("encoder", "decoder"):
+        pod = pod_spec(one(objects, "Deployment", SERVICES[service][0]))
+        container = main_container(objects, service)
+        volume = next(v for v in pod["volumes"] if v["name"] == "models")
+        assert volume == {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
+        assert mount.get("readOnly") is True
+        model = container_env(objects, container)["IVL_MODEL"]
+        assert model.startswith(mount["mountPath"].rstrip("/") + "/"), f"IVL_MODEL={model} is not on the volume"
+
+
+# NetworkPolicies: a small evaluator of the rendered policies (the Kubernetes semantics: a pod selected by
+# a policy of a direction allows only what some such policy lists; a connection needs the source's egress
+# and the destination's ingress), run over the pods of the namespace and typical peers outside it.
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    namespace: str | None  # None: an address outside the cluster
+    labels: tuple[tuple[str, str], ...] = ()
+    ip: str = ""
+    ports: tuple[tuple[int, str], ...] = ()  # what it listens on
+
+    @property
+    def label_dict(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _peer_matches(rule_peer: dict, policy_namespace: str, peer: Peer) -> bool:
+    if "ipBlock" in rule_peer:
+        block = rule_peer["ipBlock"]
+        address = ipaddress.ip_address(peer.ip) if peer.namespace is None else None
+        return address is not None and address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(e) for e in block.get("except", []))
+    if peer.namespace is None:
+        return False
+    ns_selector, pod_selector = rule_peer.get("namespaceSelector"), rule_peer.get("podSelector")
+    ns_ok = (_selects(ns_selector, {"kubernetes.io/metadata.name": peer.namespace}) if ns_selector is not None
+             else peer.namespace == policy_namespace)
+    return ns_ok and (pod_selector is None or _selects(pod_selector, peer.label_dict))
+
+
+def _port_matches(rule_ports: list[dict] | None, port: int, protocol: str) -> bool:
+    if not rule_ports:
+        return True
+    for p in rule_ports:
+        assert "port" not in p or isinstance(p["port"], int), f"use port numbers in NetworkPolicies: {p}"
+        if p.get("protocol", "TCP") == protocol and (
+                "port" not in p or p["port"] <= port <= p.get("endPort", p["port"])):
+            return True
+    return False
+
+
+def _allows(policies: list[dict], direction: str, subject: Peer, other: Peer, port: int, protocol: str) -> bool:
+    """Does `subject` (the destination for Ingress, the source for Egress) let this connection through?"""
+    if subject.namespace is None:
+        return True  # outside the cluster: not ours to police
+    selecting = [p for p in policies if p["metadata"]["namespace"] == subject.namespace
+                 and direction in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], subject.label_dict)]
+    if not selecting:
+        return True
+    peers_key = "from" if direction == "Ingress" else "to"
+    return any(
+        (rule.get(peers_key) is None or any(_peer_matches(x, p["metadata"]["namespace"], other)
+                                            for x in rule[peers_key]))
+        and _port_matches(rule.get("ports"), port, protocol)
+        for p in selecting for rule in p["spec"].get(direction.lower(), []))
+
+
+def allowed_flows(policies: list[dict], peers: list[Peer]) -> set[tuple[str, str, int, str]]:
+    """(source, destination, port, protocol) for every connection the policies let through, between peers
+    of which at least one is in a namespace with policies."""
+    policed = {p["metadata"]["namespace"] for p in policies}
+    flows = set()
+    for src in peers:
+        for dst in peers:
+            if src is dst or not {src.namespace, dst.namespace} & policed:
+                continue
+            for port, protocol in dst.ports:
+                if _allows(policies, "Egress", src, dst, port, protocol) and \
+                        _allows(policies, "Ingress", dst, src, port, protocol):
+                    flows.add((src.name, dst.name, port, protocol))
+    return flows
+
+
+# The Redis stores' pod labels (two Redis: sessions and features, each on 6379).
+REDIS_POD_NAMES = tuple(name for _, name, _ in REDIS_STORES.values())
+MANAGED_REDIS_IP = "10.20.30.40"  # inside overlays/prod-managed-redis's example range
+
+
+def network_peers(objects: tuple[dict, ...], namespace: str) -> list[Peer]:
+    peers = []
+    for service, (name, _) in SERVICES.items():
+        container = main_container(objects, service)
+        peers.append(Peer(service, namespace, (("app.kubernetes.io/name", name),),
+                          ports=tuple((p["containerPort"], p.get("protocol", "TCP")) for p in container["ports"])))
+    peers += [Peer(store, namespace, (("app.kubernetes.io/name", store),), ports=((6379, "TCP"),))
+              for store in REDIS_POD_NAMES]
+    peers += [
+        Peer("models-fill", namespace, (("app.kubernetes.io/name", "internvl-models-fill"),)),
+        Peer("other-pod-here", namespace, (("app", "something-else"),), ports=((8080, "TCP"),)),
+        Peer("client", None, ip="203.0.113.7"),
+        Peer("ingress-controller", "ingress-nginx", (("app.kubernetes.io/name", "ingress-nginx"),)),
+        Peer("other-app", "default", (("app", "other"),), ports=((8080, "TCP"),)),
+        Peer("prometheus", "monitoring", (("app.kubernetes.io/name", "prometheus"),), ports=((9090, "TCP"),)),
+        Peer("kube-dns", "kube-system", (("k8s-app", "kube-dns"),), ports=((53, "UDP"), (53, "TCP"))),
+        Peer("internet", None, ip="93.184.216.34", ports=((443, "TCP"), (80, "TCP"))),
+        Peer("managed-redis", None, ip=MANAGED_REDIS_IP, ports=((6379, "TCP"), (6380, "TCP"))),
+    ]
+    return peers
+
+
+def expected_flows(peers: list[Peer], namespace: str, overlay: str) -> set[tuple[str, str, int, str]]:
+    """The flows docs/deploy.md lists, and nothing else."""
+    flows = set()
+    public = (SERVICES["gateway"][1], GATEWAY_HTTP_PORT)
+    for peer in peers:
+        if peer.namespace != namespace:  # clients, from anywhere outside: the public API only
+            flows |= {(peer.name, "gateway", port, "TCP") for port in public}
+        else:  # every pod here resolves names
+            flows |= {(peer.name, "kube-dns", 53, protocol) for protocol in ("UDP", "TCP")}
+    flows |= {("prometheus", service, metrics_port, "TCP") for service, metrics_port in METRICS_PORTS.items()}
+    flows |= {("gateway", service, SERVICES[service][1], "TCP") for service in ("encoder", "decoder")}
+    flows |= {("gateway", store, 6379, "TCP") for store in REDIS_POD_NAMES}
+    if overlay == "prod-managed-redis":
+        flows |= {("gateway", "managed-redis", 6379, "TCP"), ("gateway", "managed-redis", 6380, "TCP")}
+    if overlay.startswith("prod"):  # the fill Job of deploy/k8s/models downloads over HTTPS
+        flows.add(("models-fill", "internet", 443, "TCP"))
+    return flows
+
+
+GATEWAY_HTTP_PORT = 8000
+METRICS_PORTS = {"gateway": 9101, "encoder": 9102, "decoder": 9103}
+
+
+def namespace_policies(overlay: str) -> tuple[str, list[dict]]:
+    objects = render(overlay)
+    namespace = one(objects, "Deployment", SERVICES["gateway"][0])["metadata"]["namespace"]
+    policies = find(objects, "NetworkPolicy")
+    if overlay.startswith("prod"):  # deploy/k8s/models goes into the same namespace
+        policies += find(render("models"), "NetworkPolicy")
+    assert all(p["metadata"]["namespace"] == namespace for p in policies), "policies outside the namespace"
+    return namespace, policies
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_allow_exactly_the_listed_flows(overlay: str):
+    namespace, policies = namespace_policies(overlay)
+    default_deny = [p for p in policies if p["spec"]["podSelector"] == {}
+                    and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+                    and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    assert default_deny, f"{overlay}: no default-deny NetworkPolicy"
+    objects = render(overlay)
+    peers = network_peers(objects, namespace)
+    gateway_ports = {port for port, _ in next(p for p in peers if p.name == "gateway").ports}
+    assert {SERVICES["gateway"][1], GATEWAY_HTTP_PORT, METRICS_PORTS["gateway"]} <= gateway_ports
+    allowed, expected = allowed_flows(policies, peers), expected_flows(peers, namespace, overlay)
+    assert allowed == expected, (f"{overlay}: allowed but not listed: {sorted(allowed - expected)}; "
+                                 f"listed but denied: {sorted(expected - allowed)}")
+
+
+def test_network_evaluator_sees_open_doors():
+    """Without the policies, anything reaches the encoder: the evaluator is not vacuous."""
+    namespace, policies = namespace_policies("dev")
+    peers = network_peers(render("dev"), namespace)
+    assert ("other-app", "encoder", 50052, "TCP") not in allowed_flows(policies, peers)
+    assert ("other-app", "encoder", 50052, "TCP") in allowed_flows(
+        [p for p in policies if p["metadata"]["name"] not in ("internvl-default-deny", "internvl-encoder")], peers)
+
+
+# Monitoring as docs/deploy.md ships it.
+
+
+def test_podmonitor_scrapes_every_service():
+    (monitor,) = [d for d in yaml.safe_load_all((K8S / "monitoring" / "podmonitor.yaml").read_text()) if d]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
+    objects = render("prod")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    for service, (name, _) in SERVICES.items():
+        template = one(objects, "Deployment", name)["spec"]["template"]
+        assert _selects(monitor["spec"]["selector"], template["metadata"]["labels"]), f"{name} not selected"
+        ports = {p["name"]: p["containerPort"] for p in main_container(objects, service)["ports"]}
+        assert ports.get(endpoint["port"]) == METRICS_PORTS[service], f"{name}: no {endpoint['port']!r} port"
+        assert template["metadata"]["annotations"]["prometheus.io/path"] == endpoint["path"]
+        assert template["metadata"]["annotations"]["prometheus.io/port"] == str(METRICS_PORTS[service])
+
+
+def test_paths_named_in_deploy_files_exist():
+    """Comments and docs name files that exist (deploy/k8s/prometheus-adapter-rules.yaml never did)."""
+    sources = [p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in (".yaml", ".md", ".txt", "")]
+    sources += [REPO / "docs" / "deploy.md", DEPLOY / "docker" / "Dockerfile"]
+    missing = []
+    for source in sources:
+        # Files of this repository (not `kubectl ... deploy/NAME`, nor the git-ignored key files).
+        text = source.read_text(errors="replace")
+        for match in re.finditer(r"(?<![\w/.-])deploy/(?:k8s|docker|compose)[A-Za-z0-9_./-]*[A-Za-z0-9_]", text):
+            path = match.group(0)
+            if not (REPO / path).exists():
+                missing.append(f"{source.relative_to(REPO)}: {path}")
+    assert not missing, "named but missing:\n" + "\n".join(missing)
+
+
 # ------------------------------------------------------------------------------------------ compose
 
 
@@ -604,6 +1039,18 @@ def test_compose_settings(compose: dict):
             assert config.device == "cuda" and config.port == SERVICES[name][1]
         stop = re.fullmatch(r"(\d+)s", services[name]["stop_grace_period"])
         assert stop and int(stop.group(1)) > grace_seconds(name, config), f"{name}: stop_grace_period"
+
+
+def test_compose_drain_covers_longest_generation(compose: dict):
+    """As in Kubernetes: `docker compose down` lets the longest generation the gateway accepts finish."""
+    configs = {name: parse_config(name, compose_env(compose["services"][name])) for name in ("decoder", "gateway")}
+    longest_s = configs["gateway"].max_new_tokens / MIN_DECODE_TOKENS_PER_S
+    assert configs["decoder"].default_max_new_tokens <= configs["gateway"].max_new_tokens
+    for name, config in configs.items():
+        assert grace_seconds(name, config) >= longest_s, f"{name}: drain shorter than {longest_s:.0f}s"
+    # A model service whose engine does not recover exits non-zero: compose must restart it.
+    for name in ("encoder", "decoder"):
+        assert compose["services"][name].get("restart") in ("always", "unless-stopped", "on-failure"), name
 
 
 # ------------------------------------------------------------------------------------------ images

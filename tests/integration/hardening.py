@@ -160,3 +160,6 @@ def chat_request(text: str = "What is this?", images: Sequence[bytes] = (), max_
 # Sampling that runs long on the tiny random model: near-uniform over the 1289-token vocabulary, so
 # <|im_end|> is rare; this seed happens to run 3000 tokens (~6 s on 2 CPU cores) without stopping.
 LONG_GENERATION = {"do_sample": True, "temperature": 1000.0, "seed": 0}
+LONG_GENERATION_TOKENS = 3000
+# A gateway that accepts such a generation (its default --max-new-tokens is smaller: the drain's limit).
+LONG_GENERATION_GATEWAY_ARGS = ("--max-new-tokens", str(LONG_GENERATION_TOKENS))

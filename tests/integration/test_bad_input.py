@@ -12,7 +12,8 @@ Decisions this table pins down:
   gRPC's receive limit is RESOURCE_EXHAUSTED, from gRPC itself;
 - an animated image is read as its first frame, like upstream's `Image.open(...).convert('RGB')`
   (see `test_animated_image_is_its_first_frame`);
-- `max_new_tokens` above the decoder's whole context can never be honoured: INVALID_ARGUMENT.
+- `max_new_tokens` above the decoder's whole context can never be honoured: INVALID_ARGUMENT; the
+  gateway refuses anything above its own cap (--max-new-tokens: the longest generation a drain covers).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gateway.config import MAX_NEW_TOKENS
 from internvl.v1 import decoder_pb2, decoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, vision_pb2, vision_pb2_grpc
 from services.common.wire import make_header
 from tests.conftest import load_kit
@@ -211,7 +213,11 @@ CASES = [
     Case("negative top_k", chat(sampling(top_k=-1)), INVALID, "top_k must be >= 0"),
     Case("repetition_penalty 0", chat(sampling(repetition_penalty=0.0)), INVALID, "repetition_penalty must be > 0"),
     Case("negative max_new_tokens", chat(sampling(max_new_tokens=-5)), INVALID, "max_new_tokens must be >= 0"),
-    Case("absurd max_new_tokens", chat(sampling(max_new_tokens=10**9)), INVALID,
+    Case("max_new_tokens over the gateway's cap", chat(sampling(max_new_tokens=MAX_NEW_TOKENS + 1)), INVALID,
+         f"max_new_tokens must be <= {MAX_NEW_TOKENS} (this gateway's --max-new-tokens)"),
+    Case("absurd max_new_tokens (decoder)", generate(decoder_pb2.GenerateRequest(setup=decoder_pb2.GenerateSetup(
+        conversation=decoder_pb2.Conversation(question="Hi"),
+        sampling=decoder_pb2.SamplingParams(max_new_tokens=10**9)))), INVALID,
          f"max_new_tokens must be in [0, {MAX_MODEL_LEN}]"),
     Case("empty stop string", chat(sampling(stop=[""])), INVALID, "stop strings must be non-empty"),
     # --- video

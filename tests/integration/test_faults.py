@@ -36,6 +36,8 @@ from tests.conftest import load_kit
 from tests.integration.hardening import (
     DECODER,
     LONG_GENERATION,
+    LONG_GENERATION_GATEWAY_ARGS,
+    LONG_GENERATION_TOKENS,
     Stack,
     chat_request,
     fresh_image,
@@ -54,7 +56,7 @@ FAST_S = 3.0  # "at once": far below any deadline, yet generous for a loaded 2-c
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    s = start_stack(KIT.root, tmp_path_factory.mktemp("faults"))
+    s = start_stack(KIT.root, tmp_path_factory.mktemp("faults"), gateway_args=LONG_GENERATION_GATEWAY_ARGS)
     yield s
     s.stop()
 
@@ -152,7 +154,8 @@ def test_encoder_down_and_back(stack: Stack, gw) -> None:
 def test_decoder_down_and_back(stack: Stack, gw) -> None:
     session_id = new_session(gw)
     session_chat(gw, session_id, "Hello")
-    stream = gw.ChatStream(chat_request("Tell me a story.", max_new_tokens=3000, **LONG_GENERATION), timeout=60)
+    stream = gw.ChatStream(chat_request("Tell me a story.", max_new_tokens=LONG_GENERATION_TOKENS, **LONG_GENERATION),
+                           timeout=60)
     next(stream)  # mid-generation when the decoder dies
     stack.decoder.kill()
     try:
@@ -265,8 +268,8 @@ class Tight:
         self.ports: dict[str, int] = {}
         self.decoder = start_decoder(KIT.root, ["--max-num-seqs", "1", "--max-queue-size", "1"], self.ports)
         try:
-            self.gateway: ServiceProcess = start_gateway(stack.encoder.address, self.decoder.address,
-                                                         stack.redis.url, ports=self.ports)
+            self.gateway: ServiceProcess = start_gateway(stack.encoder.address, self.decoder.address, stack.redis.url,
+                                                         LONG_GENERATION_GATEWAY_ARGS, ports=self.ports)
         except BaseException:
             self.decoder.stop()
             raise
@@ -315,7 +318,7 @@ def tight(stack: Stack) -> Iterator[Tight]:
     t.close()
 
 
-LONG = chat_request("Tell me a story.", max_new_tokens=3000, **LONG_GENERATION)  # ~6 s of decoding
+LONG = chat_request("Tell me a story.", max_new_tokens=LONG_GENERATION_TOKENS, **LONG_GENERATION)  # ~6 s of decoding
 
 
 def test_client_cancel_frees_the_sequence(tight: Tight) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from .engine import LLMEngine
 from .errors import EngineClosed, QueueFull, RequestFailed
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, on_step: Callable[[bool], None] = lambda ok: None) -> None:
         self.engine = engine
+        self._on_step = on_step  # told after each step whether its model call worked (engine health)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._new: list[Sequence] = []
@@ -136,14 +137,18 @@ class AsyncEngine:
                 self._wake.wait()
                 continue
             running = dict(engine.sequences)  # who produced each output of this step
+            steps, failed = engine.stats.steps, engine.stats.failed_steps
             try:
                 outputs = engine.step()
             except Exception as exc:  # a bug outside the model call: fail everything, keep serving
                 log.exception("decoder engine step crashed")
+                self._on_step(False)
                 for rid, seq in running.items():
                     engine.abort(rid)
                     self._deliver(seq, RequestFailed(f"{type(exc).__name__}: {exc}"))
                 continue
+            if engine.stats.steps != steps:  # a model call ran
+                self._on_step(engine.stats.failed_steps == failed)
             for out in outputs:
                 self._deliver(running[out.request_id], out)
 
