@@ -216,7 +216,7 @@ def test_video_frames_match_manifest_and_in_process_encoder(stub, reference) -> 
 
 def test_concurrent_requests_get_their_own_results(stub, reference) -> None:
     datas = [image_bytes(KIT, IMAGES[k % len(IMAGES)]) for k in range(8)]
-    expected = {k: expected_features(reference, datas[k]) for k in range(len(IMAGES))}
+    expected = {k: expected_features(reference, datas[k]) for k in range(min(len(IMAGES), len(datas)))}
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda d: encode(stub, image_request(d)), datas))
     for k, (item,) in enumerate(results):
