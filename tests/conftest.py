@@ -110,13 +110,6 @@ class Kit:
             self.lacks("image with several tiles and a thumbnail")
         return max(grids, key=lambda img: img["num_tiles"])
 
-    def case_where(self, what: str, accept: Callable[[dict], bool]) -> dict:
-        """The first chat case (in manifest order) that `accept`s; `what` names the need if none does."""
-        for case in self.manifest["chat_cases"]:
-            if accept(case):
-                return case
-        self.lacks(f"chat case {what}")
-
     def media_tiles(self, media_id: str) -> list[str]:
         """Tile PNGs of an image id, or of the video for a case's `"video"` input."""
         return self.video["tiles"] if media_id == "video" else self.image(media_id)["tiles"]
