@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 
 from services.common.checkpoint import CheckpointError, parse_dtype, resolve_model_dir
 from services.common.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, fail, read_file
+from services.common.limits import MAX_TILES_LIMIT
 from services.common.model_config import InternVLConfig
 from services.inprocess import GenerationSettings, InternVLChat
 from services.language_decoder.config import DecoderConfig
@@ -39,7 +40,7 @@ from services.language_decoder.prompt import IMAGE_PLACEHOLDER, build_chat_promp
 from services.language_decoder.tokenizer import InternLM2Tokenizer
 from services.vision_encoder.config import EncoderConfig
 from services.vision_encoder.preprocess import load_image, load_video, open_image
-from services.vision_encoder.servicer import IMAGE_FORMAT_NAMES, MAX_TILES_LIMIT
+from services.vision_encoder.servicer import IMAGE_FORMAT_NAMES
 
 PROG = "internvl-chat"
 # The limits of the services' default deployment, so the CLI accepts what they accept: prompt and

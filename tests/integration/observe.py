@@ -7,11 +7,13 @@ JSON logs, so tests can scrape it and search its logs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,8 +22,28 @@ from tests.integration.procs import ServiceProcess, free_port
 # Generation that outlasts a deadline or a SIGTERM on a model that otherwise answers at once: a
 # decoder with a 2-token step budget spends seconds on the chunked prefill of a ~7000-token prompt.
 SLOW_DECODER_ARGS = ("--max-num-seqs", "2", "--max-num-batched-tokens", "2")
-LONG_TEXT = " ".join(["hello world story"] * 870)
-LONG_TEXT_TOKENS = 6900  # about; the decoder's context is 8192
+LONG_TEXT_TARGET_TOKENS = 6900  # the decoder's default context is 8192
+
+
+class LongText(NamedTuple):
+    text: str
+    tokens: int  # of the text alone, in the kit's tokenizer (the prompt around it adds more)
+
+
+@functools.cache
+def long_text() -> LongText:
+    """A text of about LONG_TEXT_TARGET_TOKENS tokens in the kit's own tokenizer, whatever its vocabulary.
+
+    Built on first use, inside a test: a kit whose tokenizer cannot load fails that test, not collection.
+    """
+    from services.language_decoder.tokenizer import InternLM2Tokenizer
+    from tests.conftest import load_kit
+
+    tokenizer = InternLM2Tokenizer.from_dir(load_kit().root)
+    unit, sample = "hello world story", 100
+    per_unit = len(tokenizer.encode(" ".join([unit] * sample), add_bos=False)) / sample
+    text = " ".join([unit] * int(LONG_TEXT_TARGET_TOKENS / per_unit))
+    return LongText(text, len(tokenizer.encode(text, add_bos=False)))
 
 
 class Metrics:

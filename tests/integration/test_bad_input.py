@@ -92,7 +92,15 @@ NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3),
 NOISE_PNG = _encoded(NOISE, "PNG")
 NOISE_JPEG = _encoded(NOISE, "JPEG")
 VIDEO = KIT.path(KIT.manifest["video"]["file"]).read_bytes()
-BIG_IMAGE = KIT.path(KIT.images["img0"]["file"]).read_bytes()  # 800x600: 12 tiles + thumbnail
+
+
+def chat_with_an_image_beyond_the_context(s: Stubs) -> object:
+    """The kit's largest image, whose image tokens alone exceed the decoder's context."""
+    image = KIT.largest_image()
+    tokens = image["num_tiles"] * KIT.manifest["model"]["num_image_token"]
+    if tokens <= MAX_MODEL_LEN:
+        KIT.lacks(f"image of more than {MAX_MODEL_LEN} image tokens (the largest, {image['id']!r}, has {tokens})")
+    return s.gateway.Chat(chat_request(images=[KIT.image_bytes(image)]), timeout=60)
 
 
 def video_declaring(width: int, height: int) -> bytes:
@@ -147,12 +155,16 @@ def setup(question: str = "Hi", images=(), **sampling_kw) -> decoder_pb2.Generat
         sampling=decoder_pb2.SamplingParams(max_new_tokens=4, **sampling_kw)))
 
 
+# The kit model's embedding geometry: image tokens per tile and the language model's hidden size.
+TOKENS_PER_TILE, HIDDEN = KIT.manifest["model"]["num_image_token"], KIT.manifest["model"]["llm"]["hidden_size"]
+
+
 def image_descriptor(num_tiles: int, shape=None) -> decoder_pb2.ImageDescriptor:
-    shape = shape or (num_tiles, 256, 64)  # the tiny model: 256 tokens per tile, hidden 64
+    shape = shape or (num_tiles, TOKENS_PER_TILE, HIDDEN)
     return decoder_pb2.ImageDescriptor(num_tiles=num_tiles, tensor=make_header(3, shape))  # 3 = fp32
 
 
-ONE_TILE_BYTES = 256 * 64 * 4
+ONE_TILE_BYTES = TOKENS_PER_TILE * HIDDEN * 4
 
 
 @dataclass(frozen=True)
@@ -199,7 +211,7 @@ CASES = [
          "2 <image> placeholder(s) for 1 images"),
     Case("<image> without an image", chat(chat_request("<image> what?")), INVALID, "has no image"),
     Case("<IMG_CONTEXT> typed by the user", chat(chat_request("<IMG_CONTEXT> hi")), INVALID, "<IMG_CONTEXT>"),
-    Case("prompt beyond the context (image)", chat(chat_request(images=[BIG_IMAGE])), INVALID,
+    Case("prompt beyond the context (image)", chat_with_an_image_beyond_the_context, INVALID,
          f"context is {MAX_MODEL_LEN}"),
     Case("prompt beyond the context (text)", chat(chat_request("lorem ipsum dolor " * 3000)), INVALID,
          f"context is {MAX_MODEL_LEN}"),
@@ -261,8 +273,9 @@ CASES = [
     Case("decoder: no setup first", generate(decoder_pb2.GenerateRequest(chunk=b"1234")), INVALID,
          "first message must carry the setup"),
     Case("decoder: empty stream", generate(), INVALID, "first message must carry the setup"),
-    Case("decoder: wrong embedding shape", generate(setup("<image> hi", [image_descriptor(1, (1, 255, 64))])),
-         INVALID, "embeddings must have shape [num_tiles, 256, 64]"),
+    Case("decoder: wrong embedding shape",
+         generate(setup("<image> hi", [image_descriptor(1, (1, TOKENS_PER_TILE - 1, HIDDEN))])), INVALID,
+         f"embeddings must have shape [num_tiles, {TOKENS_PER_TILE}, {HIDDEN}]"),
     Case("decoder: embeddings cut short", generate(setup("<image> hi", [image_descriptor(1)]),
                                                    decoder_pb2.GenerateRequest(chunk=b"\0" * 100)),
          INVALID, "the request ended after 0 of 1"),
@@ -279,7 +292,7 @@ def next_valid_request_succeeds(s: Stubs) -> None:
     n = next(_counter)
     reply = s.gateway.Chat(chat_request("Describe it.", [fresh_image(n)], max_new_tokens=3), timeout=60)
     assert reply.finish_reason != decoder_pb2.FINISH_REASON_UNSPECIFIED
-    assert reply.usage.prompt_tokens > 256  # the image's tokens are in the prompt: the encoder ran
+    assert reply.usage.prompt_tokens > TOKENS_PER_TILE  # the image's tokens are in the prompt: the encoder ran
 
 
 def test_the_table_is_large_enough():

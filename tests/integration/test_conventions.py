@@ -29,11 +29,10 @@ from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.server import channel_options
 from tests.conftest import load_kit
 from tests.integration.observe import (
-    LONG_TEXT,
-    LONG_TEXT_TOKENS,
     SLOW_DECODER_ARGS,
     Observed,
     json_logs,
+    long_text,
     start_observed,
     wait_for_metrics,
 )
@@ -211,7 +210,7 @@ def test_client_deadline_reaches_the_decoder_which_frees_the_sequence(stack: Sta
 
     def chat() -> None:
         try:
-            list(gateway.ChatStream(_chat_request(LONG_TEXT, max_new_tokens=64), metadata=_key(), timeout=1.5))
+            list(gateway.ChatStream(_chat_request(long_text().text, max_new_tokens=64), metadata=_key(), timeout=1.5))
             outcome["code"] = grpc.StatusCode.OK
         except grpc.RpcError as err:
             outcome["code"] = err.code()
@@ -234,7 +233,7 @@ def test_client_deadline_reaches_the_decoder_which_frees_the_sequence(stack: Sta
     assert _ended(after, DECODER, "Generate") == ended_before + 1
     # The prompt was never finished: work stopped, it did not run on unobserved.
     prompt_tokens = after.get("ivl_decoder_prompt_tokens_total") - before.get("ivl_decoder_prompt_tokens_total")
-    assert prompt_tokens < LONG_TEXT_TOKENS * 0.75
+    assert prompt_tokens < long_text().tokens * 0.75
     # Which side notices first (the deadline, or the cancel it causes) is a race: either code is right.
     gw = wait_for_metrics(stack.gateway.metrics_port, lambda m: _ended(m, GATEWAY, "ChatStream") >= 1)
     assert _ended(gw, GATEWAY, "ChatStream") >= 1

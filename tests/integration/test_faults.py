@@ -49,6 +49,7 @@ from tests.integration.hardening import (
 from tests.integration.procs import ServiceProcess
 
 KIT = load_kit()
+TOKENS_PER_TILE = KIT.manifest["model"]["num_image_token"]  # a fresh one-tile image adds this many prompt tokens
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 T = TypeVar("T")
 FAST_S = 3.0  # "at once": far below any deadline, yet generous for a loaded 2-core CI machine
@@ -148,7 +149,7 @@ def test_encoder_down_and_back(stack: Stack, gw) -> None:
     finally:
         stack.encoder.start(port=stack.encoder.port)
     reply = eventually(lambda: gw.Chat(new, timeout=30))
-    assert reply.usage.prompt_tokens > 256  # the new image was encoded by the restarted encoder
+    assert reply.usage.prompt_tokens > TOKENS_PER_TILE  # the new image was encoded by the restarted encoder
 
 
 def test_decoder_down_and_back(stack: Stack, gw) -> None:
@@ -182,7 +183,7 @@ def test_redis_unreachable_then_back(stack: Stack, gw, r: redis.Redis) -> None:
     try:
         started = time.monotonic()
         reply = gw.Chat(chat_request("Describe.", [fresh_image(2001)]), timeout=30)
-        assert reply.usage.prompt_tokens > 256 and time.monotonic() - started < 10
+        assert reply.usage.prompt_tokens > TOKENS_PER_TILE and time.monotonic() - started < 10
         expect_error(lambda: new_session(gw), UNAVAILABLE, within_s=10)
         err = expect_error(lambda: session_chat(gw, session_id, "More?"), UNAVAILABLE, within_s=10)
         assert "session store" in err.details()
@@ -234,7 +235,7 @@ def test_redis_full(stack: Stack, gw, r: redis.Redis) -> None:
         before = feature_keys(r)
         image = fresh_image(2301)
         first = gw.Chat(chat_request("Describe.", [image]), timeout=30)
-        assert first.usage.prompt_tokens > 256
+        assert first.usage.prompt_tokens > TOKENS_PER_TILE
         assert gw.Chat(chat_request("Describe.", [image]), timeout=30).text == first.text
         assert feature_keys(r) == before  # nothing could be cached
         # Full is not down: RESOURCE_EXHAUSTED, and nothing stored was dropped (noeviction).

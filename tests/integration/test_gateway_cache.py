@@ -26,7 +26,6 @@ from tests.integration.stack import model_args
 from tests.redis_server import RedisServer
 
 KIT = load_kit()
-CASES = KIT.chat_cases
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
@@ -102,6 +101,10 @@ def image_bytes(image_id: str) -> bytes:
     return KIT.path(KIT.images[image_id]["file"]).read_bytes()
 
 
+def new_tokens(case: dict) -> int:
+    return case["inputs"]["generation_config"]["max_new_tokens"]
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -116,18 +119,22 @@ def test_text_only_requests_skip_the_encoder(peers, redis):
 
 
 def test_repeated_image_is_encoded_once(peers, redis):
-    case = CASES["image_round1"]
+    case = KIT.case("image_round1")
+    (image_id,) = case["inputs"]["images"]
+    if KIT.image(image_id)["num_tiles"] < 2:
+        KIT.lacks(f"multi-tile image in case image_round1 ({image_id!r} has one tile)")
+    max_new_tokens = case["inputs"]["generation_config"]["max_new_tokens"]
 
     async def main():
         async with Gateway(peers, redis) as gw:
-            img = image_bytes(case["inputs"]["images"][0])
-            first = await gw.chat(case["inputs"]["question"], [img])
-            second = await gw.chat(case["inputs"]["question"], [img])
+            img = image_bytes(image_id)
+            first = await gw.chat(case["inputs"]["question"], [img], max_new_tokens=max_new_tokens)
+            second = await gw.chat(case["inputs"]["question"], [img], max_new_tokens=max_new_tokens)
             assert first == second == case["expected"]["responses"][0]
             assert gw.encoder.calls == 1
             assert gw.cache.stats.hits == 1
-            # Other tiling settings give other embeddings: a separate cache entry.
-            await gw.chat("Describe.", [img], max_tiles=2)
+            # Other tiling settings (one tile instead of several) give other embeddings: a separate cache entry.
+            await gw.chat("Describe.", [img], max_tiles=1)
             assert gw.encoder.calls == 2
 
     run(main())
@@ -156,17 +163,17 @@ def test_cache_is_shared_by_gateway_replicas(peers, redis):
 
 
 def test_follow_up_turn_reuses_features_and_survives_eviction(peers, redis):
-    round1, round2 = CASES["image_round1"], CASES["image_round2"]
+    round1, round2 = KIT.case("image_round1"), KIT.case("image_round2")
 
     async def main():
         async with Gateway(peers, redis) as gw:
             img = image_bytes(round1["inputs"]["images"][0])
             session = await gw.stub.CreateSession(gateway_pb2.CreateSessionRequest())
-            await gw.chat(round1["inputs"]["question"], [img], session.session_id)
+            await gw.chat(round1["inputs"]["question"], [img], session.session_id, max_new_tokens=new_tokens(round1))
             assert gw.encoder.calls == 1
             # The follow-up sends only text: history and image come from the session, features from Redis.
-            assert await gw.chat(round2["inputs"]["question"], session_id=session.session_id) == \
-                round2["expected"]["responses"][0]
+            assert await gw.chat(round2["inputs"]["question"], session_id=session.session_id,
+                                 max_new_tokens=new_tokens(round2)) == round2["expected"]["responses"][0]
             assert gw.encoder.calls == 1
             # Evict every cached feature: the next turn re-encodes from the image bytes the session kept.
             keys = [k async for k in gw.redis.scan_iter(match="ivl:feat:*")]
@@ -181,13 +188,15 @@ def test_follow_up_turn_reuses_features_and_survives_eviction(peers, redis):
 
 
 def test_sessions_are_served_by_any_replica(peers, redis):
-    round1, round2 = CASES["text_single_round"], CASES["text_second_round"]
+    round1, round2 = KIT.case("text_single_round"), KIT.case("text_second_round")
 
     async def main():
         async with Gateway(peers, redis) as one, Gateway(peers, redis) as two:
             session = await one.stub.CreateSession(gateway_pb2.CreateSessionRequest())
-            await one.chat(round1["inputs"]["question"], session_id=session.session_id)
-            answer = await two.chat(round2["inputs"]["question"], session_id=session.session_id)
+            await one.chat(round1["inputs"]["question"], session_id=session.session_id,
+                           max_new_tokens=new_tokens(round1))
+            answer = await two.chat(round2["inputs"]["question"], session_id=session.session_id,
+                                    max_new_tokens=new_tokens(round2))
             assert answer == round2["expected"]["responses"][0]
 
     run(main())

@@ -20,10 +20,9 @@ from internvl.v1 import decoder_pb2, decoder_pb2_grpc, gateway_pb2, gateway_pb2_
 from services.common.server import channel_options
 from tests.conftest import load_kit
 from tests.integration.observe import (
-    LONG_TEXT,
-    LONG_TEXT_TOKENS,
     SLOW_DECODER_ARGS,
     Observed,
+    long_text,
     start_observed,
     wait_for_metrics,
 )
@@ -73,7 +72,7 @@ def _refuses_new_calls(address: str) -> bool:
 
 
 def _decoder_request(max_new_tokens: int = 4) -> decoder_pb2.GenerateRequest:
-    setup = decoder_pb2.GenerateSetup(conversation=decoder_pb2.Conversation(question=LONG_TEXT),
+    setup = decoder_pb2.GenerateSetup(conversation=decoder_pb2.Conversation(question=long_text().text),
                                       sampling=decoder_pb2.SamplingParams(max_new_tokens=max_new_tokens))
     return decoder_pb2.GenerateRequest(setup=setup)
 
@@ -92,7 +91,8 @@ def test_sigterm_drains_in_flight_chat_then_exits_zero(encoder: Observed, redis:
     try:
         channel = grpc.insecure_channel(gateway.process.address, options=channel_options())
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        request = gateway_pb2.ChatRequest(text=LONG_TEXT, generation=decoder_pb2.SamplingParams(max_new_tokens=4))
+        request = gateway_pb2.ChatRequest(text=long_text().text,
+                                          generation=decoder_pb2.SamplingParams(max_new_tokens=4))
         thread, outcome = _in_background(lambda: list(stub.ChatStream(request, timeout=120)))
         _admitted(decoder)
 
@@ -108,7 +108,7 @@ def test_sigterm_drains_in_flight_chat_then_exits_zero(encoder: Observed, redis:
         assert outcome["code"] == grpc.StatusCode.OK, outcome
         parts = outcome["result"]
         assert parts[-1].finish_reason != decoder_pb2.FINISH_REASON_UNSPECIFIED
-        assert parts[-1].usage.prompt_tokens > LONG_TEXT_TOKENS
+        assert parts[-1].usage.prompt_tokens > long_text().tokens
     finally:
         gateway_code = gateway.process.stop()
         decoder_code = decoder.process.stop()

@@ -25,13 +25,12 @@ import grpc
 import pytest
 
 from internvl.v1 import gateway_pb2
+from services.tools.run_local import DEMO_IMAGE, DEMO_QUESTION
 from tests.conftest import load_kit
 from tests.integration.procs import REPO_ROOT, free_port
 from tests.integration.stack import Stack, start_stack
 
 KIT = load_kit()
-CASES = KIT.chat_cases
-IMAGES = {image_id: str(KIT.path(img["file"])) for image_id, img in KIT.images.items()}
 ENV = {k: v for k, v in os.environ.items() if k not in ("IVL_API_KEY", "IVL_GATEWAY_API_KEYS")}
 ENV.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
 API_KEY = "test-key-0123456789"
@@ -137,11 +136,37 @@ def answer(done: subprocess.CompletedProcess[str]) -> str:
 
 
 def expected(case_id: str) -> str:
-    return CASES[case_id]["expected"]["responses"][0]
+    return KIT.case(case_id)["expected"]["responses"][0]
 
 
 def max_new(case_id: str) -> str:
-    return str(CASES[case_id]["inputs"]["generation_config"]["max_new_tokens"])
+    return str(KIT.case(case_id)["inputs"]["generation_config"]["max_new_tokens"])
+
+
+def question(case_id: str) -> str:
+    return KIT.case(case_id)["inputs"]["question"]
+
+
+# The placeholders the gateway writes itself in front of a question without any: upstream's video
+# prefix ("Frame1: <image>\n..."), its separate-images prefix ("Image-1: <image>\n...") or one "<image>\n".
+GATEWAY_PREFIX = re.compile(r"((Frame|Image-)\d+: <image>\n)+|<image>\n")
+
+
+def bare_question(case_id: str) -> str:
+    """The case's question without the upstream prefix, as a user would type it."""
+    text = question(case_id)
+    prefix = GATEWAY_PREFIX.match(text)
+    return text[prefix.end():] if prefix else text
+
+
+def image_files(case_id: str) -> list[str]:
+    """`--image` arguments for a case's images, in the case's order."""
+    return [arg for image_id in KIT.case(case_id)["inputs"]["images"]
+            for arg in ("--image", str(KIT.image_file(image_id)))]
+
+
+def any_image() -> str:
+    return str(KIT.image_file(KIT.smallest_image()))
 
 
 # ---------------------------------------------------------------------------------------- launcher
@@ -183,8 +208,8 @@ def test_foreground_serves_until_sigterm_then_stops_gateway_first(tmp_path: Path
     assert "-m gateway.cli --target" in run.stderr  # how to ask more
 
     # Still serving after the demo: the CLI gets the same (greedy) answer as the demo did.
-    demo_image = str(REPO_ROOT / "tests/fixtures/parity/dev/images/img0_800x600.png")
-    assert answer(cli(target, "--max-new-tokens", "128", "--image", demo_image, "Describe the image.")) + "\n" \
+    # The demo's own image and question (the launcher's defaults, whatever the kit).
+    assert answer(cli(target, "--max-new-tokens", "128", "--image", str(DEMO_IMAGE), DEMO_QUESTION)) + "\n" \
         == demo_answer
     assert "UNAUTHENTICATED" in cli(target, "hi", key=None).stderr
     # The OpenAI-compatible HTTP API beside it, at the printed base URL, with the same keys.
@@ -303,47 +328,48 @@ def get_session(stack: Stack, session_id: str) -> gateway_pb2.Session:
 
 
 def test_cli_text_only(target: str):
-    done = cli(target, "--max-new-tokens", max_new("text_single_round"), "Hello, who are you?")
+    done = cli(target, "--max-new-tokens", max_new("text_single_round"), question("text_single_round"))
     assert answer(done) == expected("text_single_round")
     assert "session" not in done.stderr
 
 
 def test_cli_image(target: str):
-    question = CASES["image_single_round"]["inputs"]["question"]  # with its own "<image>\n"
-    done = cli(target, "--max-new-tokens", max_new("image_single_round"), "--max-tiles", "12",
-               "--image", IMAGES["img0"], question, "-v")
+    (image_id,) = KIT.case("image_single_round")["inputs"]["images"]
+    done = cli(target, "--max-new-tokens", max_new("image_single_round"), "--max-tiles",
+               str(KIT.image(image_id)["max_num"]), *image_files("image_single_round"),
+               question("image_single_round"), "-v")  # with its own "<image>\n"
     assert answer(done) == expected("image_single_round")
     assert re.search(r"finish: (stop|length); tokens: prompt \d+", done.stderr)
 
 
 def test_cli_combined_images(target: str):
     done = cli(target, "--max-new-tokens", max_new("multi_image_combined"), "--combine",
-               "--image", IMAGES["img2"], "--image", IMAGES["img1"], "Describe the two images in detail.")
+               *image_files("multi_image_combined"), bare_question("multi_image_combined"))
     assert answer(done) == expected("multi_image_combined")
 
 
 def test_cli_video(target: str):
-    video = str(KIT.path(KIT.manifest["video"]["file"]))
-    done = cli(target, "--max-new-tokens", max_new("video_round1"), "--video", video, "--frames", "8",
-               "What is the red panda doing?")
+    video = KIT.video
+    done = cli(target, "--max-new-tokens", max_new("video_round1"), "--video", str(KIT.path(video["file"])),
+               "--frames", str(video["load_video_args"]["num_segments"]), bare_question("video_round1"))
     assert answer(done) == expected("video_round1")
 
 
 def test_cli_session_flow(target: str, stack: Stack):
     """Separate images in a new session, then a text-only second turn: upstream's two rounds."""
     first = cli(target, "--new-session", "--max-new-tokens", max_new("multi_image_separate_round1"),
-                "--image", IMAGES["img3"], "--image", IMAGES["img2"], "Describe the two images in detail.")
+                *image_files("multi_image_separate_round1"), bare_question("multi_image_separate_round1"))
     assert answer(first) == expected("multi_image_separate_round1")
     session_id = re.fullmatch(r"session: (\S+)\n", first.stderr).group(1)
 
     second = cli(target, "--session", session_id, "--max-new-tokens", max_new("multi_image_separate_round2"),
-                 "What are the similarities and differences between these two images.")
+                 question("multi_image_separate_round2"))
     assert answer(second) == expected("multi_image_separate_round2")
     assert second.stderr == f"session: {session_id}\n"
 
     session = get_session(stack, session_id)
     assert [[t.user, t.assistant] for t in session.turns] == \
-        CASES["multi_image_separate_round2"]["expected"]["history"]
+        KIT.case("multi_image_separate_round2")["expected"]["history"]
 
 
 def test_cli_new_session_with_system_message(target: str, stack: Stack):
@@ -369,7 +395,7 @@ def test_cli_unknown_session_exits_non_zero_with_not_found(target: str):
 
 
 def test_cli_invalid_request_exits_with_invalid_argument(target: str):
-    done = cli(target, "--image", IMAGES["img0"], "<image> <image> compare")
+    done = cli(target, "--image", any_image(), "<image> <image> compare")
     assert done.returncode == 1
     assert "INVALID_ARGUMENT" in done.stderr and "placeholder" in done.stderr
 
@@ -410,7 +436,8 @@ def test_cli_mutual_tls(stack: Stack, tmp_path: Path):
             health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60)
         target = f"127.0.0.1:{port}"
         tls = ["--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)]
-        done = cli(target, *tls, "--max-new-tokens", max_new("text_single_round"), "Hello, who are you?", key=None)
+        done = cli(target, *tls, "--max-new-tokens", max_new("text_single_round"), question("text_single_round"),
+                   key=None)
         assert answer(done) == expected("text_single_round")
         no_cert = cli(target, "--tls-ca", str(pki.ca.cert), "hi", key=None)
         assert no_cert.returncode == 1 and "UNAVAILABLE" in no_cert.stderr
@@ -430,5 +457,5 @@ def test_cli_unreachable_gateway_is_unavailable():
 def test_cli_usage_errors(tmp_path: Path):
     missing = cli("127.0.0.1:1", "--image", str(tmp_path / "missing.png"), "hi")
     assert missing.returncode == 2 and "cannot read image" in missing.stderr
-    both = cli("127.0.0.1:1", "--image", IMAGES["img0"], "--video", IMAGES["img0"], "hi")
+    both = cli("127.0.0.1:1", "--image", any_image(), "--video", any_image(), "hi")
     assert both.returncode == 2 and "not both" in both.stderr

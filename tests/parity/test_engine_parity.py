@@ -9,10 +9,8 @@ Streaming is checked with the kit's real tokenizer: joined text deltas equal the
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from services.language_decoder.engine import (
     EngineConfig,
@@ -45,18 +43,12 @@ def features(kit: Kit):
     from services.vision_encoder.model import load_vision_encoder
 
     encoder = load_vision_encoder(kit.root, device="cpu", dtype=torch.float32)
-    pre = kit.manifest["preprocess"]
-    mean = np.asarray(pre["mean"], dtype=np.float32)
-    std = np.asarray(pre["std"], dtype=np.float32)
     cache: dict[str, torch.Tensor] = {}
     for case in kit.manifest["chat_cases"]:
         for image_id in case["inputs"]["images"]:
             if image_id in cache:
                 continue
-            tiles = kit.manifest["video"]["tiles"] if image_id == "video" else kit.images[image_id]["tiles"]
-            arr = np.stack([np.asarray(Image.open(kit.path(t)).convert("RGB")) for t in tiles])
-            pixels = (arr.astype(np.float32) / np.float32(255) - mean) / std
-            pixel_values = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+            pixel_values = torch.from_numpy(kit.pixel_values(image_id))  # exact: from the tile PNGs
             with torch.inference_mode():
                 feats = encoder.extract_feature(pixel_values).float()
             cache[image_id] = feats.reshape(-1, feats.shape[-1])
@@ -92,29 +84,46 @@ def kit_requests(kit: Kit, features: dict[str, torch.Tensor]) -> tuple[list[Engi
     return requests, expected
 
 
-def other_traffic(kit: Kit, hidden: int, n: int = 10) -> list[EngineRequest]:
-    """Random prompts (some with random image embeddings, some sampled with a seed)."""
+def other_traffic(kit: Kit, hidden: int, tokens_per_tile: int, n: int = 10) -> list[EngineRequest]:
+    """Random prompts (some with one tile of random image embeddings, some sampled with a seed)."""
     gen = torch.Generator().manual_seed(11)
     ctx = kit.manifest["special_token_ids"]["<IMG_CONTEXT>"]
-    sp_vocab = kit.manifest["model"]["sp_vocab_size"]
+    text_ids = kit.text_token_range()
     out = []
     for i in range(n):
-        prompt = torch.randint(3, sp_vocab - 6, (int(torch.randint(5, 400, (1,), generator=gen)),),
-                               generator=gen).tolist()
+        length = int(torch.randint(5, 400, (1,), generator=gen))
+        prompt = torch.randint(text_ids.start, text_ids.stop, (length,), generator=gen).tolist()
         embeds, spans = None, []
         if i % 3 == 0:
-            prompt = prompt[:20] + [ctx] * 256 + prompt[20:]
-            embeds, spans = torch.randn(256, hidden, generator=gen), [(20, 276)]
+            at = min(20, len(prompt))  # the image goes after the first 20 tokens, or at the end of a shorter prompt
+            prompt = prompt[:at] + [ctx] * tokens_per_tile + prompt[at:]
+            embeds, spans = torch.randn(tokens_per_tile, hidden, generator=gen), [(at, at + tokens_per_tile)]
         sampling = SamplingParams(max_new_tokens=int(torch.randint(1, 160, (1,), generator=gen)),
                                   do_sample=i % 2 == 1, temperature=0.8, top_p=0.9, seed=i)
         out.append(EngineRequest(f"noise/{i}", prompt, sampling, embeds, spans))
     return out
 
 
+BLOCK_SIZE = 16
+
+
 def engine(lm, tokenizer, **overrides) -> LLMEngine:
-    cfg = dict(block_size=16, num_kv_blocks=2048, max_num_seqs=32, max_num_batched_tokens=512,
-               max_model_len=4096)
+    cfg = dict(block_size=BLOCK_SIZE, num_kv_blocks=2048, max_num_seqs=32, max_num_batched_tokens=512,
+               max_model_len=_longest_sequence(_KIT, BLOCK_SIZE))
     return LLMEngine(lm, EngineConfig(**{**cfg, **overrides}), tokenizer=tokenizer)
+
+
+def _longest_sequence(kit: Kit, block_size: int) -> int:
+    """Prompt plus new tokens of the kit's longest case (at least 4,096), rounded up to whole blocks."""
+    longest = max(
+        c["expected"]["input_ids_shape"][1] + c["inputs"]["effective_generate_kwargs"]["max_new_tokens"]
+        for c in kit.manifest["chat_cases"]
+    )
+    return -(-max(longest, 4096) // block_size) * block_size
+
+
+def noise(kit: Kit, lm) -> list[EngineRequest]:
+    return other_traffic(kit, lm.config.hidden_size, int(kit.manifest["model"]["num_image_token"]))
 
 
 def ids_of(outputs) -> list[int]:
@@ -143,11 +152,16 @@ def test_all_cases_at_once_with_other_traffic_equal_each_alone(
     kit, lm, tokenizer, features, alone, variant
 ) -> None:
     requests, expected = kit_requests(kit, features)
-    noise = other_traffic(kit, lm.config.hidden_size)
-    mixed = [x for pair in zip(requests, noise + [None] * len(requests), strict=False) for x in pair if x]
-    # tight-kv: 216 blocks of 16 tokens (3,456, just max_model_len) for prompts of up to 3,390 tokens:
+    # Shortest first, whatever the manifest's order: many sequences are admitted together and their
+    # decodes outgrow the tight cache (longest first, each would run alone and nothing preempts).
+    requests.sort(key=lambda r: (len(r.prompt_token_ids) + r.sampling.max_new_tokens, r.request_id))
+    others = noise(kit, lm)
+    mixed = [x for pair in zip(requests, others + [None] * len(requests), strict=False) for x in pair if x]
+    # tight-kv: just enough blocks for the longest kit sequence (max_model_len) and no more:
     # admission waits on memory and running decodes preempt (recompute) each other.
-    tight = {"num_kv_blocks": 216, "max_model_len": 3456}
+    longest = max(len(r.prompt_token_ids) + r.sampling.max_new_tokens for r in requests)
+    tight_len = -(-longest // BLOCK_SIZE) * BLOCK_SIZE
+    tight = {"num_kv_blocks": tight_len // BLOCK_SIZE, "max_model_len": tight_len}
     eng = engine(lm, tokenizer, **(tight if variant == "tight-kv" else {}))
     out = eng.run_until_done(mixed)
     for rid, exp in expected.items():
@@ -157,7 +171,7 @@ def test_all_cases_at_once_with_other_traffic_equal_each_alone(
         assert eng.scheduler.num_preemptions > 0
     else:  # every kit prompt shares at least the system prompt's blocks with an earlier one
         assert eng.stats.cached_prompt_tokens > 0
-    seeded = {r.request_id: r for r in noise if r.sampling.do_sample}
+    seeded = {r.request_id: r for r in others if r.sampling.do_sample}
     again = engine(lm, tokenizer).run_until_done(seeded.values())
     for rid in seeded:
         assert ids_of(out[rid]) == ids_of(again[rid]), f"seeded {rid} changed with the batch"
@@ -225,7 +239,7 @@ def test_gpu_engine_fp32_matches_upstream(kit, tokenizer, features, graphs) -> N
     lm_gpu = load_language_model(kit.root, device="cuda", dtype=torch.float32)
     requests, expected = kit_requests(kit, features)
     eng = engine(lm_gpu, tokenizer, device="cuda", use_cuda_graphs=graphs)
-    out = eng.run_until_done(requests + other_traffic(kit, lm_gpu.config.hidden_size))
+    out = eng.run_until_done(requests + noise(kit, lm_gpu))
     for rid, exp in expected.items():
         assert ids_of(out[rid]) == exp["ids"], rid
     assert (eng.runner.graphs is not None) == graphs

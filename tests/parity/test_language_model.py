@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from services.language_decoder.generate import generate
 from services.language_decoder.model import InternLM2ForCausalLM, load_language_model, position_ids_from_mask
@@ -48,18 +47,11 @@ def vision_features(kit: Kit):
     from services.vision_encoder.model import load_vision_encoder
 
     encoder = load_vision_encoder(kit.root, device="cpu", dtype=torch.float32)
-    pre = kit.manifest["preprocess"]
-    mean = np.asarray(pre["mean"], dtype=np.float32)
-    std = np.asarray(pre["std"], dtype=np.float32)
     cache: dict[str, torch.Tensor] = {}
 
     def features(image_id: str) -> torch.Tensor:
         if image_id not in cache:
-            tiles = kit.manifest["video"]["tiles"] if image_id == "video" else kit.images[image_id]["tiles"]
-            # manifest preprocess.pixel_values_from_tiles: (float32(tile[y,x,c]) / 255 - mean[c]) / std[c]
-            arr = np.stack([np.asarray(Image.open(kit.path(t)).convert("RGB")) for t in tiles])
-            pixels = (arr.astype(np.float32) / np.float32(255) - mean) / std
-            pixel_values = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+            pixel_values = torch.from_numpy(kit.pixel_values(image_id))  # exact: from the tile PNGs
             with torch.inference_mode():
                 cache[image_id] = encoder.extract_feature(pixel_values).float()
         return cache[image_id]

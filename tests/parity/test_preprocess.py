@@ -143,7 +143,9 @@ def test_pixel_values_match_manifest(kit, image_id):
     if "pixel_values_file" in spec:
         ref = kit.npy(spec["pixel_values_file"])
         assert list(ref.shape) == spec["pixel_values_shape"]
-        tol = atol if ref.dtype == np.float32 else float(kit.tolerances["pixel_values"]["atol_float16_files"])
+        dtype = spec.get("pixel_values_dtype", "float32")  # the manifest says how the file is stored
+        assert ref.dtype == np.dtype(dtype), f"{spec['pixel_values_file']} is {ref.dtype}, the manifest says {dtype}"
+        tol = atol if dtype == "float32" else float(kit.tolerances["pixel_values"][f"atol_{dtype}_files"])
         diff = float(np.abs(pv.numpy().astype(np.float64) - ref.astype(np.float64)).max())
         assert diff <= tol, f"{image_id}: pixel_values max |d| = {diff} > {tol}"
 

@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from services.common.model_config import InternVLConfig
 from services.vision_encoder import model as vision
@@ -24,17 +23,9 @@ def test_kit_has_vision_goldens() -> None:
 
 
 def pixel_values_for(kit: Kit, image_id: str) -> torch.Tensor:
-    """The image's float32 pixel_values: the shipped file, else the manifest formula on the tile PNGs."""
-    image = kit.images[image_id]
-    if image.get("pixel_values_file"):
-        pv = torch.from_numpy(kit.npy(image["pixel_values_file"]).astype(np.float32))
-    else:
-        pre = kit.manifest["preprocess"]
-        mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(pre["std"], dtype=torch.float32).view(1, 3, 1, 1)
-        tiles = np.stack([np.asarray(Image.open(kit.path(t)).convert("RGB")) for t in image["tiles"]])
-        pv = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255 - mean) / std
-    assert list(pv.shape) == image["pixel_values_shape"]
+    """The image's exact float32 pixel_values, from its tile PNGs (a `pixel_values_file` may be float16)."""
+    pv = torch.from_numpy(kit.pixel_values(image_id))
+    assert list(pv.shape) == kit.image(image_id)["pixel_values_shape"]
     return pv
 
 

@@ -18,6 +18,7 @@ from services.common.known_configs import internvl2_8b_config
 from services.common.model_config import InternVLConfig, LLMConfig, RopeScaling, VisionConfig
 from services.language_decoder.model import build_language_model
 from services.vision_encoder.model import build_vision_encoder
+from tests.conftest import DEFAULT_KIT, Kit
 
 # Exact counts the formula below gives for InternVL2-8B (model card: ~8B = InternViT-300M + MLP + 7.7B).
 INTERNVIT_PARAMS = 304_012_288
@@ -103,6 +104,11 @@ def vision_shapes(cfg: InternVLConfig) -> dict[str, tuple[int, ...]]:
     }
     if v.qkv_bias:
         shapes[layer + "attn.qkv.bias"] = (3 * c,)
+    if v.qk_normalization:  # InternViT-6B style (InternVL2-26B / -76B)
+        shapes[layer + "attn.q_norm.weight"] = (c,)
+        shapes[layer + "attn.k_norm.weight"] = (c,)
+    if v.norm_type == "rms_norm":  # RMSNorm has no bias
+        del shapes[layer + "norm1.bias"], shapes[layer + "norm2.bias"]
     return shapes
 
 
@@ -144,9 +150,13 @@ def expand(templates: dict[str, tuple[int, ...]], cfg: InternVLConfig) -> dict[s
 
 
 def kit_tensors(kit) -> dict[str, tuple[int, ...]]:
-    with safe_open(kit.path(kit.manifest["model"]["weights"]), framework="pt") as f:
-        names = list(f.keys())
-        return {name: tuple(f.get_slice(name).get_shape()) for name in names}
+    """Every tensor of the kit's weights, whether one file or shards (`model.weights` lists them)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in kit.weight_files():
+        with safe_open(file, framework="pt") as f:
+            names = list(f.keys())
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in names})
+    return shapes
 
 
 def test_shape_formula_matches_the_kit(kit):
@@ -157,9 +167,13 @@ def test_shape_formula_matches_the_kit(kit):
 
 
 @pytest.fixture(scope="module")
-def real_checkpoint_shapes(kit, cfg) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the real checkpoint: kit names expanded to the real depth, real shapes."""
-    templates = {template_of(n) for n in kit_tensors(kit)}
+def real_checkpoint_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the real checkpoint: kit names expanded to the real depth, real shapes.
+
+    The names come from the repo's dev kit, the InternVL2-8B layout, whatever PARITY_KIT names
+    (a family kit, e.g. internvl2-26b, is another architecture).
+    """
+    templates = {template_of(n) for n in kit_tensors(Kit(DEFAULT_KIT))}
     formula = {**vision_shapes(cfg), **llm_shapes(cfg.llm)}
     assert templates == set(formula), "the kit's tensor set differs from the real architecture's"
     shapes = expand({t: formula[t] for t in templates}, cfg)

@@ -31,10 +31,18 @@ from services.tools.make_tiny_checkpoint import (
     write_tiny_checkpoint,
 )
 from services.vision_encoder.model import load_vision_encoder
+from tests.conftest import DEFAULT_KIT, Kit
 
 SHARDS = 3
 VISION = ("vision_model.", "mlp1.")
 LLM = "language_model."
+
+
+@pytest.fixture(scope="module")
+def kit() -> Kit:
+    """The repo's dev kit, whatever PARITY_KIT names: the tiny checkpoint mirrors the InternVL2-8B layout,
+    and the dev kit is that layout's reference (a family kit such as internvl2-1b is another architecture)."""
+    return Kit(DEFAULT_KIT)
 
 
 @pytest.fixture(scope="module")

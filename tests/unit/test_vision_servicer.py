@@ -22,7 +22,6 @@ from services.vision_encoder.servicer import SERVICE_NAME, ModelRuntime, VisionE
 from tests.conftest import load_kit
 
 KIT = load_kit()
-ONE_TILE_IMAGE = next(img for img in KIT.manifest["images"] if img["num_tiles"] == 1)
 
 
 class GatedForward:
@@ -38,8 +37,10 @@ class GatedForward:
 
 
 def request() -> vision_pb2.EncodeRequest:
-    data = KIT.path(ONE_TILE_IMAGE["file"]).read_bytes()
-    return vision_pb2.EncodeRequest(images=vision_pb2.ImageList(images=[vision_pb2.ImageInput(data=data)]))
+    """One tile whatever the kit's images: the queue below holds exactly one."""
+    data = KIT.image_bytes(KIT.smallest_image())
+    return vision_pb2.EncodeRequest(images=vision_pb2.ImageList(images=[vision_pb2.ImageInput(data=data)]),
+                                    tiling=vision_pb2.TilingOptions(max_tiles=1))
 
 
 async def collect(stub: vision_pb2_grpc.VisionEncoderStub) -> list[vision_pb2.EncodeResponse]:
