@@ -5,6 +5,10 @@ chunk, with image embedding rows in place of the prompt's `<IMG_CONTEXT>` positi
 (`prepare_prefill`); `run` does the forward and returns the logits of the rows that pick a token.
 A decode-only step on a GPU replays a CUDA graph instead (`cuda_graphs`). Everything the model needs
 is built here; the model sees tensors and an `AttentionContext`, never requests.
+
+What the engine needs of a language model (InternLM2 today; any decoder with the same methods fits):
+`config` (an `LLMConfig`), `device`, `dtype`, `rotary` (a `RotaryEmbedding`), `embed_rows` and
+`forward_flat`, and `model.layers` for regional compilation.
 """
 
 from __future__ import annotations
