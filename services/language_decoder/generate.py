@@ -5,7 +5,7 @@ attention_mask=..., eos_token_id=<|im_end|>, pad_token_id=2, ...)` with transfor
 reproduced here:
 
 - greedy (`do_sample=False`) or multinomial sampling, after HF's processors in HF's order:
-  repetition penalty, then temperature, top-k, top-p;
+  repetition penalty, then temperature, top-k, top-p (`sampling.py`, shared with the engine);
 - because generation starts from `inputs_embeds` with no `input_ids`, HF's running `input_ids` holds
   only the generated tokens, so the repetition penalty sees only those (never the prompt);
 - a row that emitted an EOS id is finished; it keeps receiving `pad_token_id` while others continue;
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from services.language_decoder.model import InternLM2ForCausalLM, position_ids_from_mask
+from services.language_decoder.sampling import sample
 
 
 @dataclass
@@ -33,60 +34,6 @@ class GenerationOutput:
     @property
     def token_ids(self) -> list[list[int]]:
         return self.sequences.tolist()
-
-
-def process_logits(
-    logits: Tensor,
-    *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    prev_tokens: Tensor | None = None,
-) -> Tensor:
-    """HF's logits processors then (when sampling) warpers, in HF's order; float32 [B, V] scores."""
-    scores = logits.float()
-    if repetition_penalty != 1.0 and prev_tokens is not None and prev_tokens.numel():
-        # HF RepetitionPenaltyLogitsProcessor: seen tokens' logits move towards "less likely".
-        seen = scores.gather(1, prev_tokens)
-        seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
-        scores = scores.scatter(1, prev_tokens, seen)
-    if not do_sample:
-        return scores  # HF applies no warpers in greedy mode
-    if temperature != 1.0:
-        scores = scores / temperature
-    if top_k > 0:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        # HF TopPLogitsWarper: drop the low tail whose total mass is <= 1 - top_p, keep >= 1 token.
-        sorted_scores, sorted_idx = torch.sort(scores, descending=False)
-        drop = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-        drop[..., -1:] = False
-        scores = scores.masked_fill(drop.scatter(1, sorted_idx, drop), float("-inf"))
-    return scores
-
-
-def sample(
-    logits: Tensor,
-    *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    prev_tokens: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Next token ids [B] from logits [B, V]: argmax, or a draw from `generator` when sampling."""
-    scores = process_logits(
-        logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, prev_tokens=prev_tokens,
-    )
-    if not do_sample:
-        return scores.argmax(dim=-1)
-    return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
 @torch.inference_mode()

@@ -9,7 +9,8 @@ commit 74126371 (eager attention path). The module tree mirrors the checkpoint b
 
 Built on the meta device and filled with `assign=True` (gpt-fast style), so loading never allocates
 random weights first. The attention math is the free function `attention()` so the paged serving
-engine can reuse it with its own key/value storage.
+engine can reuse it with its own key/value storage; what a forward's attention needs besides the
+layer weights (RoPE cos/sin, mask, where keys/values live) travels as one `AttentionContext`.
 
 RoPE and dynamic NTK scaling -- how upstream behaves and what this module does:
 upstream's `InternLM2DynamicNTKScalingRotaryEmbedding` keeps a cos/sin table on the module. It is
@@ -28,6 +29,7 @@ and it deliberately does not reproduce (b), which makes upstream's output depend
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -63,17 +65,33 @@ class KVStore(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class AttentionContext:
+    """One forward's attention inputs, shared by every layer (built once per forward, passed explicitly).
+
+    `cos`/`sin` [B, T, head_dim]: RoPE of the new tokens (the caller computes them: the dynamic-NTK
+    base depends on each sequence's length). `mask` (bool [B or 1, 1, T, S], True = may attend) and
+    `is_causal` are for `attention()` over this forward's own tokens or a static `KVCache`; the paged
+    engine's stores know their own masks. `kv`: where keys/values go and what queries attend to
+    (None: the new tokens attend to each other only).
+    """
+
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None = None
+    is_causal: bool = False
+    kv: KVStore | None = None
+
+
 @torch.compiler.disable
-def kv_attend(
-    kv_cache: KVStore, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
-) -> Tensor:
-    """`kv_cache.attend`, kept out of compiled graphs.
+def kv_attend(ctx: AttentionContext, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`ctx.kv.attend`, kept out of compiled graphs.
 
     Stores write into caches that live outside the layer (the engine's is one preallocated tensor of
     tens of GiB); a compiled layer (see `compile_layers`) breaks its graph here and runs this eagerly,
     so what is compiled stays pure: the norms, projections, RoPE, residuals and the FFN.
     """
-    return kv_cache.attend(layer, q, k, v, mask, is_causal)
+    return ctx.kv.attend(layer, q, k, v, ctx.mask, ctx.is_causal)
 
 
 class KVCache:
@@ -285,24 +303,15 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.bias)
         self.wo = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.bias)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None,
-        is_causal: bool,
-        kv_cache: KVStore | None,
-        layer_idx: int,
-    ) -> Tensor:
+    def forward(self, x: Tensor, ctx: AttentionContext, layer_idx: int) -> Tensor:
         b, t, _ = x.shape
         q, k, v = split_wqkv(self.wqkv(x), self.num_heads, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is None:
-            out = attention(q, k, v, mask, is_causal=is_causal)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.kv is None:
+            out = attention(q, k, v, ctx.mask, is_causal=ctx.is_causal)
         else:
-            out = kv_attend(kv_cache, layer_idx, q, k, v, mask, is_causal)
+            out = kv_attend(ctx, layer_idx, q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -314,17 +323,9 @@ class DecoderLayer(nn.Module):
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self,
-        h: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None,
-        is_causal: bool,
-        kv_cache: KVStore | None,
-        layer_idx: int,
-    ) -> Tensor:
-        h = h + self.attention(self.attention_norm(h), cos, sin, mask, is_causal, kv_cache, layer_idx)
+    def forward(self, h: Tensor, ctx: AttentionContext, layer_idx: int) -> Tensor:
+        # The layer index is an argument, not a module attribute: one compiled body serves every layer.
+        h = h + self.attention(self.attention_norm(h), ctx, layer_idx)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -337,17 +338,9 @@ class InternLM2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self,
-        h: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None,
-        is_causal: bool,
-        kv_cache: KVStore | None,
-    ) -> Tensor:
+    def forward(self, h: Tensor, ctx: AttentionContext) -> Tensor:
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, is_causal, kv_cache, i)
+            h = layer(h, ctx, i)
         return self.norm(h)
 
 
@@ -383,23 +376,30 @@ class InternLM2ForCausalLM(nn.Module):
         features in prompt order; across a batch, rows are consumed in row-major order of
         `input_ids`, as upstream's flattened assignment does.
         """
-        embeds = self.model.tok_embeddings(input_ids)
         if img_context_id is None:
             if image_embeds is not None:
                 raise ValueError("image_embeds given without img_context_id")
-            return embeds
-        selected = input_ids == img_context_id
-        n_ctx = int(selected.sum())
-        rows = image_embeds.reshape(-1, embeds.shape[-1]) if image_embeds is not None else None
+            return self.embed_rows(input_ids)
+        index = (input_ids == img_context_id).reshape(-1).nonzero().squeeze(1)
+        rows = image_embeds.reshape(-1, self.config.hidden_size) if image_embeds is not None else None
         n_rows = 0 if rows is None else rows.shape[0]
-        if n_ctx != n_rows:
+        if index.numel() != n_rows:
             raise ValueError(
-                f"prompt has {n_ctx} <IMG_CONTEXT> tokens but {n_rows} image embedding rows were given"
+                f"prompt has {index.numel()} <IMG_CONTEXT> tokens but {n_rows} image embedding rows were given"
             )
-        if n_ctx == 0:
-            return embeds
-        rows = rows.to(device=embeds.device, dtype=embeds.dtype)
-        return embeds.masked_scatter(selected.unsqueeze(-1), rows)
+        return self.embed_rows(input_ids, rows if n_rows else None, index)
+
+    def embed_rows(
+        self, input_ids: Tensor, image_rows: Tensor | None = None, image_index: Tensor | None = None
+    ) -> Tensor:
+        """Token embeddings of `input_ids` (any shape) with `image_rows` [n, hidden] written at the
+        flattened positions `image_index` [n] (long, on the model's device): where image features
+        enter the language model, for the reference loop (`embed`) and the engine's packed steps."""
+        embeds = self.model.tok_embeddings(input_ids)
+        if image_rows is not None:
+            rows = image_rows.to(device=embeds.device, dtype=embeds.dtype, non_blocking=True)
+            embeds.view(-1, embeds.shape[-1]).index_copy_(0, image_index, rows)
+        return embeds
 
     def forward(
         self,
@@ -423,25 +423,22 @@ class InternLM2ForCausalLM(nn.Module):
             raise ValueError(f"position_ids must be {(b, t)}, got {tuple(position_ids.shape)}")
         mask, is_causal = build_attention_mask(attention_mask, t, past, inputs_embeds.device)
         cos, sin = self.rotary(position_ids, past + t, inputs_embeds.dtype)
-        h = self.model(inputs_embeds, cos, sin, mask, is_causal, kv_cache)
+        h = self.model(inputs_embeds, AttentionContext(cos, sin, mask, is_causal, kv_cache))
         if kv_cache is not None:
             kv_cache.advance(t)
         if last_only:
             h = h[:, -1:]
         return self.output(h).float()
 
-
-    def forward_flat(
-        self, inputs_embeds: Tensor, cos: Tensor, sin: Tensor, kv: KVStore, logits_indices: Tensor | None
-    ) -> Tensor:
+    def forward_flat(self, inputs_embeds: Tensor, ctx: AttentionContext, logits_indices: Tensor | None) -> Tensor:
         """The serving engine's path: tokens of many sequences packed into one row.
 
-        `inputs_embeds` [N, H]; `cos`/`sin` [N, head_dim] (each token's RoPE, computed by the caller
-        because the dynamic-NTK base depends on each token's own sequence); `kv` stores keys/values
-        and knows which tokens attend to which (see `KVStore`). Returns float32 logits for the rows
-        `logits_indices` (all rows when None): [len(logits_indices), V].
+        `inputs_embeds` [N, H]; `ctx.cos`/`ctx.sin` [1, N, head_dim] (each token's RoPE, computed by
+        the caller because the dynamic-NTK base depends on each token's own sequence); `ctx.kv` stores
+        keys/values and knows which tokens attend to which (see `KVStore`). Returns float32 logits for
+        the rows `logits_indices` (all rows when None): [len(logits_indices), V].
         """
-        h = self.model(inputs_embeds[None], cos[None], sin[None], None, False, kv)[0]
+        h = self.model(inputs_embeds[None], ctx)[0]
         if logits_indices is not None:
             h = h[logits_indices]
         return self.output(h).float()

@@ -357,7 +357,11 @@ def test_cpu_weight_layouts_keep_every_linear_result() -> None:
     """K-major weights and the oneDNN-prepacked copy change speed, not results (beyond fp32 rounding)."""
     import torch.nn.functional as F
 
-    from services.language_decoder.engine.runner import kmajor_linear_weights, prepack_linear_weights
+    from services.language_decoder.engine.cpu_weights import (
+        PrepackedLinear,
+        kmajor_linear_weights,
+        prepack_linear_weights,
+    )
 
     model = tiny_model(seed=3)
     linears = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -372,7 +376,7 @@ def test_cpu_weight_layouts_keep_every_linear_result() -> None:
     assert set(model.state_dict()) == set(tiny_model(seed=3).state_dict())  # nothing added to the checkpoint
     untouched = tiny_model(seed=3)
     tiny_engine(untouched, cpu_prepacked_weights=False)
-    assert not any(hasattr(m, "_engine_packed_weight") for m in untouched.modules())
+    assert not any(isinstance(m, PrepackedLinear) for m in untouched.modules())
 
 
 def test_compiled_layers_give_the_eager_tokens_on_cpu() -> None:

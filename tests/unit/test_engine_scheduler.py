@@ -34,7 +34,7 @@ def fake_step(sched: Scheduler) -> SchedulerOutput:
         s.seq.num_computed_tokens += s.num_tokens
         sched.block_manager.register_computed(s.seq)
     for s in out.scheduled:
-        if s.samples:
+        if s.emits_token:
             s.seq.append_token(7)
     return out
 
@@ -56,10 +56,10 @@ def test_prompt_prefilled_then_one_token_per_step() -> None:
     a = seq(10)
     sched.add(a)
     out = fake_step(sched)
-    assert counts(out) == {a.request_id: 10} and out.scheduled[0].samples
+    assert counts(out) == {a.request_id: 10} and out.scheduled[0].emits_token
     for _ in range(3):
         out = fake_step(sched)
-        assert counts(out) == {a.request_id: 1} and out.scheduled[0].samples
+        assert counts(out) == {a.request_id: 1} and out.scheduled[0].emits_token
     assert a.num_tokens == 14 and a.num_computed_tokens == 13
 
 
@@ -79,7 +79,7 @@ def test_long_prompt_is_chunked_while_decodes_advance_every_step() -> None:
         assert all(c[s.request_id] == 1 for s in short), "a decode was stalled by the long prefill"
         assert out.num_tokens <= 16
         assert out.scheduled[-1].seq is long  # decodes first, the chunk last
-        assert out.scheduled[-1].samples == (long.num_computed_tokens == 60)
+        assert out.scheduled[-1].emits_token == (long.num_computed_tokens == 60)
     assert steps == 5  # 60 tokens in chunks of 16 - 3 decodes = 13
 
 
@@ -124,7 +124,7 @@ def test_preemption_recomputes_newest_and_keeps_arrival_order() -> None:
     out = fake_step(sched)
     # Readmitted: its full blocks are still cached; it recomputes the rest, prompt and outputs alike.
     assert new.status is SequenceStatus.RUNNING and new.output_token_ids[: len(outputs_before)] == outputs_before
-    assert new.num_cached_tokens == 0  # usage reports the first admission's hit only
+    assert new.num_prefix_hit_tokens == 0  # usage reports the first admission's hit only
     assert counts(out)[new.request_id] < new.num_tokens
     assert sched.num_preemptions == 1
 

@@ -10,7 +10,7 @@ import torch
 
 from services.common.model_config import LLMConfig, RopeScaling
 from services.language_decoder import model as lm_module
-from services.language_decoder.generate import generate, process_logits, sample
+from services.language_decoder.generate import generate
 from services.language_decoder.model import (
     InternLM2ForCausalLM,
     RotaryEmbedding,
@@ -18,6 +18,7 @@ from services.language_decoder.model import (
     position_ids_from_mask,
     split_wqkv,
 )
+from services.language_decoder.sampling import process_logits, sample
 from tests.conftest import Kit
 
 PAD = 2

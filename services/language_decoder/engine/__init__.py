@@ -30,12 +30,28 @@ Cancelling the task that iterates `generate` (client cancel, expired deadline) o
 aborts the request before the next engine step and frees its KV blocks. `LLMEngine` is the same engine
 driven synchronously (`add_request`, `step() -> list[EngineOutput]`, `abort`), for tests and benchmarks.
 
-How it works (one file each): `scheduler` (which tokens run each step: all decodes plus chunked
-prefill under a token budget; FCFS admission bounded by the queue and by free blocks; preemption by
-recompute), `block_manager` (ref-counted paged blocks, prefix reuse keyed by token ids and image
-hashes), `kv_cache` (preallocated once), `runner` + `attention` (pack the step, paged attention with
-SDPA or flash-attn), `cuda_graphs` (decode steps on GPU), `sampler` (per request, seeded),
-`detokenize` (streamed text and stop strings), `engine` / `async_engine` (the loops).
+Reading the engine: one request from `add_request` to its last token, four files.
+
+1. `engine.py` — `LLMEngine.add_request` validates the request and makes a `Sequence` (`sequence.py`:
+   its tokens, image rows, block table); `step` is the algorithm: `scheduler.schedule()`,
+   `runner.execute()`, `sampler()`, `scheduler.postprocess()`, then one `EngineOutput` per new token.
+2. `scheduler.py` — `schedule` picks the step's tokens: one decode token per running sequence, then
+   prefill chunks under the token budget; FCFS admission bounded by the queue and free KV blocks;
+   preemption by recompute. `postprocess` advances the sequences, publishes computed blocks to the
+   prefix cache, appends tokens and text, and finishes and frees sequences (stop token, stop string,
+   length). Its memory is `block_manager.py` (ref-counted paged blocks, prefix reuse keyed by token
+   ids and image hashes).
+3. `runner.py` — `prepare_decode` and `prepare_prefill` pack the step into one row (image embedding
+   rows in place of `<IMG_CONTEXT>`), `run` does the forward. Below it, leaves with one job each:
+   `attention.py` (the paged `KVStore`: SDPA or flash-attn), `kv_cache.py` (the preallocated cache,
+   the one KV write, block-table padding), `rope.py` (RoPE for packed tokens), `cuda_graphs.py`
+   (GPU decode steps replayed), `cpu_weights.py` (CPU matmul layouts) and the model itself
+   (`services/language_decoder/model.py`: the math, attention inputs as one `AttentionContext`).
+4. `sampler.py` — the next token of each row by its request's settings (HF order, `..sampling`):
+   shared argmax and shared draws for rows with equal unseeded settings, a private stream per seed.
+
+`detokenize.py` (streamed text, stop strings) is called from `postprocess`; `async_engine.py` drives
+`step` from a thread for the asyncio servicer.
 """
 
 from .async_engine import AsyncEngine

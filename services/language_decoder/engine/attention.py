@@ -1,8 +1,8 @@
 """Paged attention for one engine step: the `KVStore` the model calls in every layer.
 
 The runner packs a step's tokens into one row: first one token per decoding sequence, then each
-prefill chunk. Per layer, `attend` writes the new keys/values to their slots in the paged cache, then
-attends each query to its own sequence's keys:
+prefill chunk. Per layer, `attend` writes the new keys/values to their slots in the paged cache
+(`PagedKVCache.write`), then attends each query to its own sequence's keys:
 
 - `SdpaAttention` (CPU, and GPU without flash-attn): the decodes as one padded batch, gathering every
   decoding sequence's keys by slot table with a length mask; each prefill chunk on its own, causal
@@ -84,13 +84,12 @@ class SdpaAttention:
         self.cache = cache
         self.slot_mapping = meta.slot_mapping
         self.num_decode = meta.num_decode
-        bs = cache.block_size
+        block_size = cache.block_size
         if meta.num_decode:
             lens = meta.decode_context_lens
-            width = max(len(t) for t in meta.decode_block_tables)
-            tables = [t + [cache.scratch_block] * (width - len(t)) for t in meta.decode_block_tables]
-            bt = torch.tensor(tables, dtype=torch.long).to(device, non_blocking=True)
-            self.decode_slots = slot_table(bt, max(lens), bs)
+            tables = meta.decode_block_tables
+            bt = cache.block_tables(tables, max(len(t) for t in tables)).to(device, non_blocking=True)
+            self.decode_slots = slot_table(bt, max(lens), block_size)
             uniform = min(lens) == max(lens)
             self.decode_mask = None if uniform else (
                 torch.arange(max(lens)) < torch.tensor(lens)[:, None]
@@ -101,7 +100,7 @@ class SdpaAttention:
                 self.prefills.append((chunk, None, None))
                 continue
             bt = torch.tensor([chunk.block_table], dtype=torch.long).to(device, non_blocking=True)
-            slots = slot_table(bt, chunk.context_len, bs)[0]
+            slots = slot_table(bt, chunk.context_len, block_size)[0]
             q_pos = torch.arange(chunk.past, chunk.context_len)[:, None]
             mask = (torch.arange(chunk.context_len)[None, :] <= q_pos).to(device, non_blocking=True)
             self.prefills.append((chunk, slots, mask))
@@ -110,9 +109,7 @@ class SdpaAttention:
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
     ) -> Tensor:
         # q [1, H, N, D]; k, v [1, H_kv, N, D]: the packed step, one row.
-        k_flat, v_flat = self.cache.flat(layer)
-        k_flat.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))
-        v_flat.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
+        k_flat, v_flat = self.cache.write(layer, self.slot_mapping, k, v)
         parts = []
         b = self.num_decode
         if b:
@@ -147,7 +144,7 @@ class FlashAttention:
 
         def padded(tables: list[list[int]]) -> Tensor:
             width = max(len(t) for t in tables)
-            return i32([t + [cache.scratch_block] * (width - len(t)) for t in tables])
+            return cache.block_tables(tables, width, dtype=torch.int32).to(device, non_blocking=True)
 
         if meta.num_decode:
             self.decode_lens = i32(meta.decode_context_lens)
@@ -164,9 +161,7 @@ class FlashAttention:
     def attend(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
     ) -> Tensor:
-        k_flat, v_flat = self.cache.flat(layer)
-        k_flat.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))
-        v_flat.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
+        self.cache.write(layer, self.slot_mapping, k, v)
         k_blocks, v_blocks = self.cache.blocks(layer)
         qt = q[0].transpose(0, 1)  # [N, H, D]
         parts = []

@@ -39,7 +39,7 @@ class EngineConfig:
     compile_mode: str = "default"  # torch.compile mode; "max-autotune-no-cudagraphs" also tunes the matmuls
     watermark_blocks: int = 0  # free blocks kept back at admission so running decodes rarely preempt
     # CPU, fp32: keep a second, oneDNN-prepacked copy of every weight for batched decode matmuls
-    # (10-30 % faster at 4-64 sequences; doubles weight memory). See runner.prepack_linear_weights.
+    # (10-30 % faster at 4-64 sequences; doubles weight memory). See cpu_weights.PrepackedLinear.
     cpu_prepacked_weights: bool = True
 
     def __post_init__(self) -> None:

@@ -5,6 +5,8 @@ than the weight reads they do. Graphs are captured lazily per (batch bucket, con
 sizes round up to 1, 2, 4, 8, then multiples of 16; with SDPA the gathered key length rounds up to a
 power of two (flash-attn reads the block table in place, so it needs one bucket). Padded rows write
 to and read from the cache's scratch block. Static input buffers are filled before each replay.
+RoPE comes from the runner's table (`PackedRope.lookup`): graphs run only below the dynamic-NTK
+threshold, where RoPE depends on the position alone.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.language_decoder.model import InternLM2ForCausalLM
+from services.language_decoder.model import AttentionContext, InternLM2ForCausalLM
 
 from .attention import flash_attn_with_kvcache, sdpa_decode, slot_table
 from .config import EngineConfig
 from .kv_cache import PagedKVCache
+from .rope import PackedRope
 from .scheduler import ScheduledSeq
 
 
@@ -31,9 +34,7 @@ class _GraphDecodeAttention:
     def attend(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
     ) -> Tensor:
-        k_flat, v_flat = self.cache.flat(layer)
-        k_flat.index_copy_(0, self.slots, k[0].transpose(0, 1))
-        v_flat.index_copy_(0, self.slots, v[0].transpose(0, 1))
+        k_flat, v_flat = self.cache.write(layer, self.slots, k, v)
         qd = q[0].transpose(0, 1)  # [B, H, D]
         if self.tables32 is not None:
             k_blocks, v_blocks = self.cache.blocks(layer)
@@ -54,10 +55,16 @@ class DecodeGraphs:
         config: EngineConfig,
         use_flash: bool,
         capture: bool = True,
+        rope: PackedRope | None = None,
     ) -> None:
         # capture=False runs the same padded static-shape body eagerly: how CPU tests check it.
         self.model, self.cache, self.config, self.use_flash = model, cache, config, use_flash
         self.capture = capture
+        if rope is None:  # the runner passes its own; a standalone instance builds the same table
+            rope = PackedRope(model.rotary, config.max_model_len, model.dtype, cache.storage.device)
+        if not rope.position_only:
+            raise ValueError("CUDA graphs need max_model_len within the RoPE table (no dynamic-NTK rescaling)")
+        self.rope = rope
         self.block_size = config.block_size
         self.max_batch = config.max_num_seqs
         self.batch_buckets = sorted({1, 2, 4, 8, *range(16, self.max_batch + 16, 16)})
@@ -80,12 +87,12 @@ class DecodeGraphs:
         self.pool = None
 
     def fits(self, decodes: list[ScheduledSeq]) -> bool:
-        return 0 < len(decodes) <= self.max_batch and all(s.samples for s in decodes)
+        return 0 < len(decodes) <= self.max_batch and all(s.emits_token for s in decodes)
 
     def _body(self, batch: int, ctx: int) -> Tensor:
         model = self.model
-        embeds = model.model.tok_embeddings(self.ids[:batch])
-        cos, sin = model.rotary(self.positions[None, :batch], 0, model.dtype)
+        embeds = model.embed_rows(self.ids[:batch])
+        cos, sin = self.rope.lookup(self.positions[:batch])
         lens = self.lens[:batch]
         if self.use_flash:
             kv = _GraphDecodeAttention(
@@ -96,7 +103,7 @@ class DecodeGraphs:
             key_slots = slot_table(self.tables[:batch, : ctx // self.block_size], ctx, self.block_size)
             mask = torch.arange(ctx, device=lens.device)[None, :] < lens[:, None]
             kv = _GraphDecodeAttention(self.cache, self.slots[:batch], key_slots, mask, None, None)
-        return model.forward_flat(embeds, cos[0], sin[0], kv, None)
+        return model.forward_flat(embeds, AttentionContext(cos[None], sin[None], kv=kv), None)
 
     def _capture(self, batch: int, ctx: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         stream = torch.cuda.Stream()
@@ -122,17 +129,16 @@ class DecodeGraphs:
         if self.capture and key not in self.graphs:
             self._fill_padding(0)  # capture runs the body: make every row write to the scratch block
             self.graphs[key] = self._capture(batch, ctx)
-        bs = self.block_size
-        width = -(-ctx // bs)
-        scratch = self.cache.scratch_block
-        rows = [s.seq.block_table[:width] for s in decodes] + [[]] * (batch - b)
-        tables = torch.tensor([r + [scratch] * (width - len(r)) for r in rows], dtype=torch.long)
+        block_size = self.block_size
+        width = -(-ctx // block_size)
+        tables = self.cache.block_tables([s.seq.block_table for s in decodes], width, num_rows=batch)
         pos = [s.start for s in decodes]
         host = torch.tensor(
             [
                 [s.seq.token_ids[p] for s, p in zip(decodes, pos, strict=True)] + [0] * (batch - b),
                 pos + [0] * (batch - b),
-                [s.seq.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos, strict=True)]
+                [s.seq.block_table[p // block_size] * block_size + p % block_size
+                 for s, p in zip(decodes, pos, strict=True)]
                 + [self.scratch_slot] * (batch - b),
                 [p + 1 for p in pos] + [1] * (batch - b),
             ],

@@ -1,4 +1,4 @@
-"""`LLMEngine`: the synchronous step loop (schedule -> run the model -> sample -> emit outputs)."""
+"""`LLMEngine`: requests in, and the synchronous step loop (schedule, execute, sample, postprocess, emit)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from .detokenize import IncrementalDetokenizer, OutputText
 from .errors import PromptTooLong
 from .request import EngineOutput, EngineRequest, SamplingParams, Usage
 from .runner import ModelRunner
-from .sampler import sample_next
-from .scheduler import Scheduler
+from .sampler import Sampler
+from .scheduler import NewToken, Scheduler, SchedulerOutput
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ class LLMEngine:
     Not thread-safe: one thread calls `add_request`, `abort` and `step` (`AsyncEngine` is that thread
     for the servicer). `tokenizer` (an `InternLM2Tokenizer`) enables text deltas and stop strings;
     without it outputs carry token ids only.
+
+    The engine takes over `model`: on CPU it rewrites the model's linear layers in place for faster
+    small-batch matmuls (`cpu_weights.use_fast_cpu_linears`; same results up to float rounding), and
+    with `compile_layers` it compiles the model's decoder layers.
     """
 
     def __init__(
@@ -52,12 +56,12 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.config)
         # Cached KV carries the RoPE base it was written with; past the dynamic-NTK threshold that base
         # depends on the whole sequence's length, so reuse is only exact below it.
-        limit = self.runner.rope_limit
-        prefix_ok = limit is None or self.config.max_model_len <= limit
+        prefix_ok = self.runner.rope.position_only
         self.block_manager = BlockManager(
             self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching and prefix_ok
         )
         self.scheduler = Scheduler(self.config, self.block_manager)
+        self.sampler = Sampler()
         self.sequences: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self.hidden_size = model.config.hidden_size
@@ -113,59 +117,43 @@ class LLMEngine:
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[EngineOutput]:
+        """One iteration: schedule, run the model, sample, update the sequences, emit one output per token."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
         self.stats.steps += 1
         try:
             seqs, logits = self.runner.execute(batch.scheduled)
-            tokens = sample_next(logits, seqs)
+            token_ids = self.sampler(logits, seqs)
         except Exception as exc:  # a failed forward fails its requests, never the engine
-            log.exception("decoder step failed; dropping %d request(s)", len(batch.scheduled))
-            self.stats.failed_steps += 1
-            return [self._fail(s.seq, exc) for s in batch.scheduled]
-        for s in batch.scheduled:
-            if s.seq.num_computed_tokens < s.seq.num_prompt_tokens:
-                self.stats.prompt_tokens_computed += min(s.num_tokens, s.seq.num_prompt_tokens - s.start)
-            s.seq.num_computed_tokens += s.num_tokens
-            self.block_manager.register_computed(s.seq)
-        return [self._append(seq, tok) for seq, tok in zip(seqs, tokens, strict=True)]
+            return self._fail(batch, exc)
+        self.stats.prompt_tokens_computed += batch.num_prompt_tokens  # recomputes included
+        return [self._emit(new) for new in self.scheduler.postprocess(batch, seqs, token_ids)]
 
-    def _append(self, seq: Sequence, token: int) -> EngineOutput:
-        seq.append_token(token)
+    def _emit(self, new: NewToken) -> EngineOutput:
+        seq = new.seq
         self.stats.generated_tokens += 1
         if seq.num_output_tokens == 1:
-            self.stats.cached_prompt_tokens += seq.num_cached_tokens or 0
-        params, text, reason, stop_string = seq.sampling, "", None, False
-        if token in params.stop_token_ids:
-            reason = "stop"  # the stop token's own text is not part of the response
-        elif seq.detok is not None:
-            text, stop_string = seq.detok.push(token)
-            reason = "stop" if stop_string else None
-        if reason is None and (
-            seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.config.max_model_len
-        ):
-            reason = "length"
-        if reason is None:
-            return EngineOutput(seq.request_id, [token], text)
-        if seq.detok is not None and not stop_string:  # nothing after a stop string is ever sent
-            text += seq.detok.finish()
-        self._finish(seq, reason)
-        return EngineOutput(seq.request_id, [token], text, True, reason, self._usage(seq))
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
+            self.stats.cached_prompt_tokens += seq.num_prefix_hit_tokens or 0
+        if new.finish_reason is None:
+            return EngineOutput(seq.request_id, [new.token_id], new.text)
         self.sequences.pop(seq.request_id, None)
-        self.scheduler.finish(seq, reason)
+        return EngineOutput(seq.request_id, [new.token_id], new.text, True, new.finish_reason, self._usage(seq))
 
-    def _fail(self, seq: Sequence, exc: BaseException) -> EngineOutput:
-        self._finish(seq, "error")
-        return EngineOutput(
-            seq.request_id, [], "", True, "error", self._usage(seq), error=f"{type(exc).__name__}: {exc}"
-        )
+    def _fail(self, batch: SchedulerOutput, exc: BaseException) -> list[EngineOutput]:
+        log.exception("decoder step failed; dropping %d request(s)", len(batch.scheduled))
+        self.stats.failed_steps += 1
+        error = f"{type(exc).__name__}: {exc}"
+        outputs = []
+        for s in batch.scheduled:
+            self.sequences.pop(s.seq.request_id, None)
+            self.scheduler.finish(s.seq, "error")
+            outputs.append(EngineOutput(s.seq.request_id, [], "", True, "error", self._usage(s.seq), error=error))
+        return outputs
 
     @staticmethod
     def _usage(seq: Sequence) -> Usage:
-        return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens or 0)
+        return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_prefix_hit_tokens or 0)
 
     # ------------------------------------------------------------------ conveniences
 

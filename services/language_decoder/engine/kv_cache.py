@@ -62,6 +62,26 @@ class PagedKVCache:
             for i in range(llm.num_hidden_layers)
         ]
 
+    def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store a step's packed keys/values k, v [1, H_kv, N, D] of `layer` at `slot_mapping` [N].
+
+        Returns the layer's K and V as [slots, H_kv, D] views (see `flat`), new tokens included.
+        """
+        k_flat, v_flat = self._flat[layer]
+        k_flat.index_copy_(0, slot_mapping, k[0].transpose(0, 1))
+        v_flat.index_copy_(0, slot_mapping, v[0].transpose(0, 1))
+        return k_flat, v_flat
+
+    def block_tables(
+        self, tables: list[list[int]], width: int, num_rows: int | None = None, dtype: torch.dtype = torch.long
+    ) -> Tensor:
+        """Block tables as one [num_rows, width] host tensor, each row cut or padded to `width` with
+        the scratch block; rows past `len(tables)` (a CUDA graph's padded batch) are all scratch."""
+        pad = self.scratch_block
+        rows = [t[:width] + [pad] * (width - len(t)) for t in tables]
+        rows += [[pad] * width] * ((num_rows or len(tables)) - len(tables))
+        return torch.tensor(rows, dtype=dtype)
+
     def flat(self, layer: int) -> tuple[Tensor, Tensor]:
         """K and V of `layer` as [slots, H_kv, D] views."""
         return self._flat[layer]

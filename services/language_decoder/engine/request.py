@@ -21,7 +21,7 @@ class SamplingParams:
     `input_ids` holds just the new tokens. A stop token id ends the sequence and is kept in the output
     ids (as upstream's `generated_ids` keep `<|im_end|>`); a stop string ends it on the detokenized text,
     which is cut before the stop string. `seed` fixes this request's random stream, whatever else runs
-    in the same batch; without it the stream is seeded at random.
+    in the same batch; without it the request draws from the engine's shared, randomly seeded stream.
     """
 
     max_new_tokens: int = 256

@@ -1,28 +1,53 @@
-"""Runs one scheduled step through the model: packs the batch, attends over the paged cache.
+"""Runs one scheduled step through the model: packs the batch into one row, then one forward.
 
-The packed row holds one token per decoding sequence first, then each prefill chunk (with image
-embedding rows in place of the prompt's `<IMG_CONTEXT>` positions). Everything the model needs is
-built here; the model sees tensors and a `KVStore`, never requests.
+The packed row holds one token per decoding sequence first (`prepare_decode`), then each prefill
+chunk, with image embedding rows in place of the prompt's `<IMG_CONTEXT>` positions
+(`prepare_prefill`); `run` does the forward and returns the logits of the rows that pick a token.
+A decode-only step on a GPU replays a CUDA graph instead (`cuda_graphs`). Everything the model needs
+is built here; the model sees tensors and an `AttentionContext`, never requests.
+
+What the engine needs of a language model (InternLM2 today; any decoder with the same methods fits):
+`config` (an `LLMConfig`), `device`, `dtype`, `rotary` (a `RotaryEmbedding`), `embed_rows` and
+`forward_flat`, and `model.layers` for regional compilation.
 """
 
 from __future__ import annotations
 
-import logging
-import types
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from services.language_decoder.model import InternLM2ForCausalLM, compile_layers
+from services.language_decoder.model import AttentionContext, InternLM2ForCausalLM, compile_layers
 
 from .attention import FlashAttention, PrefillChunk, SdpaAttention, StepMetadata, flash_available
 from .config import EngineConfig
+from .cpu_weights import use_fast_cpu_linears
 from .kv_cache import PagedKVCache, num_kv_blocks
+from .rope import PackedRope
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class PackedStep:
+    """One step's tokens packed into one row, on the host (filled by `prepare_decode`/`prepare_prefill`)."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # in row order: decodes, then prefill chunks
+    token_ids: list[int] = field(default_factory=list)
+    positions: list[Tensor] = field(default_factory=list)  # pieces of the [N] positions
+    slots: list[Tensor] = field(default_factory=list)  # pieces of the [N] cache slots
+    decode_context_lens: list[int] = field(default_factory=list)
+    decode_block_tables: list[list[int]] = field(default_factory=list)
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    image_index: list[Tensor] = field(default_factory=list)  # packed rows taking image embedding rows
+    image_rows: list[Tensor] = field(default_factory=list)
+    sampling: list[Sequence] = field(default_factory=list)  # sequences that pick a token this step
+    logit_rows: list[int] = field(default_factory=list)  # their rows in the packed batch
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class ModelRunner:
@@ -36,35 +61,21 @@ class ModelRunner:
             raise ValueError(f"EngineConfig.device is {config.device!r} but the model is on {self.device}")
         if config.dtype is not None and config.dtype != self.dtype:
             raise ValueError(f"EngineConfig.dtype is {config.dtype} but the model is {self.dtype}")
-        if self.device.type == "cpu":
-            kmajor_linear_weights(model)
-            if config.cpu_prepacked_weights and self.dtype == torch.float32:
-                prepack_linear_weights(model)
+        if self.device.type == "cpu":  # rewrites the caller's model in place (see cpu_weights)
+            use_fast_cpu_linears(model, prepack=config.cpu_prepacked_weights and self.dtype == torch.float32)
         compile_ = config.compile_layers if config.compile_layers is not None else self.device.type == "cuda"
         if compile_:
             compile_layers(model, config.compile_mode)
         self.num_blocks = num_kv_blocks(config, llm, self.dtype, self.device)
         self.kv_cache = PagedKVCache(llm, self.num_blocks, config.block_size, self.dtype, self.device)
         self.block_size = config.block_size
-        rope = llm.rope_scaling
-        # Dynamic NTK rescales RoPE once a sequence outgrows the table; only then is RoPE per sequence.
-        self.rope_limit = (
-            llm.max_position_embeddings if rope is not None and rope.type == "dynamic" else None
-        )
+        self.rope = PackedRope(model.rotary, config.max_model_len, self.dtype, self.device)
         self.use_flash = flash_available(config.block_size, self.device)
         self.graphs = None
-        rope_static = self.rope_limit is None or config.max_model_len <= self.rope_limit
-        # Below the dynamic-NTK threshold RoPE depends on the position only: one table, looked up per
-        # step (the same fp32 expressions as the model's, so the same values).
-        self._rope_table = None
-        if rope_static:
-            with torch.inference_mode():
-                cos, sin = model.rotary(torch.arange(config.max_model_len, device=self.device)[None], 0, self.dtype)
-            self._rope_table = (cos[0], sin[0])
-        if self.device.type == "cuda" and config.use_cuda_graphs and rope_static:
+        if self.device.type == "cuda" and config.use_cuda_graphs and self.rope.position_only:
             from .cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(model, self.kv_cache, config, use_flash=self.use_flash)
+            self.graphs = DecodeGraphs(model, self.kv_cache, config, use_flash=self.use_flash, rope=self.rope)
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> tuple[list[Sequence], Tensor]:
@@ -73,145 +84,72 @@ class ModelRunner:
         prefills = [s for s in batch if s.num_tokens > 1]
         if not prefills and self.graphs is not None and self.graphs.fits(decodes):
             return [s.seq for s in decodes], self.graphs.run(decodes)
+        step = PackedStep()
+        self.prepare_decode(step, decodes)
+        self.prepare_prefill(step, prefills)
+        return step.sampling, self.run(step)
 
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[Tensor] = []
-        slots: list[Tensor] = []
-        sampling: list[Sequence] = []
-        logit_rows: list[int] = []
+    def prepare_decode(self, step: PackedStep, decodes: list[ScheduledSeq]) -> None:
+        """One token per decoding sequence, in plain Python (the per-step hot path at high concurrency)."""
+        if not decodes:
+            return
+        block_size = self.block_size
+        positions = [s.start for s in decodes]
+        step.scheduled.extend(decodes)
+        step.token_ids.extend(s.seq.token_ids[s.start] for s in decodes)
+        step.positions.append(torch.tensor(positions, dtype=torch.long))
+        step.slots.append(torch.tensor(
+            [s.seq.block_table[p // block_size] * block_size + p % block_size
+             for s, p in zip(decodes, positions, strict=True)],
+            dtype=torch.long,
+        ))
+        step.decode_context_lens = [p + 1 for p in positions]
+        step.decode_block_tables = [s.seq.block_table for s in decodes]
+        for row, s in enumerate(decodes):
+            if s.emits_token:
+                step.sampling.append(s.seq)
+                step.logit_rows.append(row)
 
-        # Decodes: one token each, plain Python (this is the per-step hot path at high concurrency).
-        dec_pos = [s.start for s in decodes]
-        ids.extend(s.seq.token_ids[s.start] for s in decodes)
-        dec_slots = [s.seq.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, dec_pos, strict=True)]
-        if decodes:
-            positions.append(torch.tensor(dec_pos, dtype=torch.long))
-            slots.append(torch.tensor(dec_slots, dtype=torch.long))
-        for i, s in enumerate(decodes):
-            if s.samples:
-                sampling.append(s.seq)
-                logit_rows.append(i)
-
-        chunks: list[PrefillChunk] = []
-        image_index: list[Tensor] = []
-        image_rows: list[Tensor] = []
-        row = len(decodes)
+    def prepare_prefill(self, step: PackedStep, prefills: list[ScheduledSeq]) -> None:
+        """Each prefill chunk after the decodes: its tokens, cache slots and image embedding rows."""
+        block_size = self.block_size
+        row = step.num_tokens
         for s in prefills:
             seq, start, end = s.seq, s.start, s.start + s.num_tokens
-            ids.extend(seq.token_ids[start:end])
-            pos = torch.arange(start, end)
+            step.scheduled.append(s)
+            step.token_ids.extend(seq.token_ids[start:end])
+            positions = torch.arange(start, end)
             table = torch.tensor(seq.block_table, dtype=torch.long)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            chunks.append(PrefillChunk(row, s.num_tokens, start, seq.block_table))
+            step.positions.append(positions)
+            step.slots.append(table[positions // block_size] * block_size + positions % block_size)
+            step.prefills.append(PrefillChunk(row, s.num_tokens, start, seq.block_table))
             for p, rows in seq.image_rows(start, min(end, seq.num_prompt_tokens)):
-                image_index.append(torch.arange(row + p - start, row + p - start + rows.shape[0]))
-                image_rows.append(rows)
-            if s.samples:
-                sampling.append(seq)
-                logit_rows.append(row + s.num_tokens - 1)
+                step.image_index.append(torch.arange(row + p - start, row + p - start + rows.shape[0]))
+                step.image_rows.append(rows)
+            if s.emits_token:
+                step.sampling.append(seq)
+                step.logit_rows.append(row + s.num_tokens - 1)
             row += s.num_tokens
-        rope_lens = [_rope_len(s) for s in decodes + prefills]
 
+    def run(self, step: PackedStep) -> Tensor:
+        """The forward over a packed step: float32 logits [len(step.sampling), V] of its `logit_rows`.
+
+        A step of mid-prompt chunks only fills the cache and returns [0, V].
+        """
         dev = self.device
         meta = StepMetadata(
-            slot_mapping=torch.cat(slots).to(dev, non_blocking=True),
-            decode_context_lens=[p + 1 for p in dec_pos],
-            decode_block_tables=[s.seq.block_table for s in decodes],
-            prefills=chunks,
+            slot_mapping=torch.cat(step.slots).to(dev, non_blocking=True),
+            decode_context_lens=step.decode_context_lens,
+            decode_block_tables=step.decode_block_tables,
+            prefills=step.prefills,
         )
         kv = (FlashAttention if self.use_flash else SdpaAttention)(self.kv_cache, meta, dev)
-        pos_all = torch.cat(positions)
-        embeds = self.model.model.tok_embeddings(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True))
-        if image_rows:
-            index = torch.cat(image_index).to(dev, non_blocking=True)
-            embeds.index_copy_(0, index, torch.cat(image_rows).to(dev, embeds.dtype, non_blocking=True))
-        cos, sin = self._rotary(pos_all, [len(decodes)] + [s.num_tokens for s in prefills], rope_lens)
-        if not sampling:  # only mid-prompt chunks: the cache is filled, nothing to sample
-            self.model.forward_flat(embeds, cos, sin, kv, torch.empty(0, dtype=torch.long, device=dev))
-            return [], torch.empty(0, self.model.config.vocab_size, device=dev)
-        rows_t = torch.tensor(logit_rows, dtype=torch.long).to(dev, non_blocking=True)
-        return sampling, self.model.forward_flat(embeds, cos, sin, kv, rows_t)
-
-    def _rotary(self, positions: Tensor, piece_lens: list[int], rope_lens: list[int]) -> tuple[Tensor, Tensor]:
-        """cos/sin [N, head_dim]; per piece only when a sequence is past the dynamic-NTK threshold.
-
-        A decode token sees `past + 1` keys; a prefill chunk uses the full prompt length, as upstream
-        prefills the whole prompt in one forward (so chunking never changes RoPE).
-        """
-        pos = positions.to(self.device, non_blocking=True)
-        if self._rope_table is not None:
-            cos, sin = self._rope_table
-            return cos.index_select(0, pos), sin.index_select(0, pos)
-        rotary = self.model.rotary
-        if self.rope_limit is None or max(rope_lens) <= self.rope_limit:
-            cos, sin = rotary(pos[None], 0, self.dtype)
-            return cos[0], sin[0]
-        # Pieces: the decodes (each with its own length) then each prefill chunk.
-        lens = [1] * piece_lens[0] + piece_lens[1:]
-        cos_parts, sin_parts, offset = [], [], 0
-        for n, seq_len in zip(lens, rope_lens, strict=True):
-            c, s = rotary(pos[None, offset : offset + n], seq_len, self.dtype)
-            cos_parts.append(c[0])
-            sin_parts.append(s[0])
-            offset += n
-        return torch.cat(cos_parts), torch.cat(sin_parts)
-
-
-def _rope_len(s: ScheduledSeq) -> int:
-    """The key length upstream's dynamic-NTK RoPE sees for these tokens: the whole prompt for prompt
-    tokens (upstream prefills it in one forward, so chunking must not change RoPE), else past + 1."""
-    end = s.start + s.num_tokens
-    return max(s.seq.num_prompt_tokens, end) if s.start < s.seq.num_prompt_tokens else end
-
-
-def kmajor_linear_weights(model: nn.Module) -> None:
-    """Store every Linear weight [out, in] transposed in memory (same values, same shape and names).
-
-    `F.linear` then hands MKL a plain row-major [in, out] matrix, and MKL's small-batch kernels are
-    2-3x faster on that layout than on the transposed one: at 16 decoding sequences the matmuls, which
-    are 80% of a CPU step, drop from ~55 to ~150 GFLOP/s on this project's benchmark machine. Results
-    change only in float rounding at batch 1 (a different gemv), and the model is changed in place,
-    so every user of it sees the same weights. Idempotent.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
-                module.weight.data = module.weight.data.t().contiguous().t()
-
-
-# Rows (tokens) per matmul for which the prepacked oneDNN kernel beats MKL on this project's benchmark
-# machine: 10-30 % faster from 4 to 64 rows, slower for 1 row (a plain GEMV) and for prefill chunks.
-_PACKED_ROWS = (2, 256)
-
-
-def _packed_or_mkl(self: nn.Linear, x: Tensor) -> Tensor:
-    rows = x.numel() // self.in_features
-    if _PACKED_ROWS[0] <= rows <= _PACKED_ROWS[1]:
-        return torch.ops.mkldnn._linear_pointwise(x, self._engine_packed_weight, self.bias, "none", [], "")
-    return F.linear(x, self.weight, self.bias)
-
-
-def prepack_linear_weights(model: nn.Module) -> bool:
-    """Give every Linear a oneDNN-prepacked copy of its weight, used for 2-256 rows (decode batches).
-
-    Batched decode on CPU is matmul-bound: MKL repacks each weight on every call, which at 16 rows costs
-    as much as the multiply; oneDNN's prepacked weights skip that. One row and long prefill chunks stay on
-    MKL (faster there). Costs a second copy of the weights in memory. Returns False (nothing changed) when
-    this torch build has no working oneDNN linear. Idempotent.
-    """
-    try:
-        probe = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 4), 16)
-        out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4), probe, None, "none", [], "")
-        if not torch.equal(out, torch.full((2, 8), 4.0)):
-            raise RuntimeError(f"oneDNN linear gave {out.tolist()}")
-    except Exception as exc:  # a CPU build without oneDNN, or the private ops changed
-        log.warning("oneDNN prepacked linear unavailable (%s); decode matmuls stay on MKL", exc)
-        return False
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and not hasattr(module, "_engine_packed_weight"):
-                module._engine_packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 16)
-                module.forward = types.MethodType(_packed_or_mkl, module)
-    return True
+        ids = torch.tensor(step.token_ids, dtype=torch.long).to(dev, non_blocking=True)
+        if step.image_rows:
+            index = torch.cat(step.image_index).to(dev, non_blocking=True)
+            embeds = self.model.embed_rows(ids, torch.cat(step.image_rows), index)
+        else:
+            embeds = self.model.embed_rows(ids)
+        cos, sin = self.rope(torch.cat(step.positions).to(dev, non_blocking=True), step.scheduled)
+        rows = torch.tensor(step.logit_rows, dtype=torch.long).to(dev, non_blocking=True)
+        return self.model.forward_flat(embeds, AttentionContext(cos[None], sin[None], kv=kv), rows)

@@ -1,4 +1,5 @@
-"""Continuous batching: which sequences run in the next step, and how many tokens each.
+"""Continuous batching: which sequences run in the next step and how many tokens each
+(`schedule`), and what the step's new tokens do to them (`postprocess`).
 
 Every step carries one decode token for each running sequence that is caught up, then prefill
 chunks (of running sequences mid-prompt, then of newly admitted ones) until `max_num_batched_tokens`
@@ -6,7 +7,10 @@ is used up, so a long prompt is spread over several steps while decodes keep adv
 Admission is first come, first served and needs KV blocks for the whole prompt. When a decode needs
 a new block and none is free, the most recently arrived running sequence is preempted: its blocks
 are freed and it goes back to the head of the queue, to be recomputed later (prefix reuse usually
-finds most of its blocks still cached). Plain Python: no tensors here.
+finds most of its blocks still cached). After the model ran, `postprocess` advances every scheduled
+sequence, publishes its computed blocks to the prefix cache, appends the sampled tokens with their
+text, and finishes (freeing the blocks of) each sequence that hit a stop token, a stop string or a
+length limit. Plain Python: no tensors here.
 """
 
 from __future__ import annotations
@@ -26,10 +30,28 @@ class ScheduledSeq:
     seq: Sequence
     start: int  # first token position fed this step (= num_computed_tokens when scheduled)
     num_tokens: int
-    samples: bool = field(init=False)  # the step catches the sequence up: its last logits pick a token
+    # The step reaches the sequence's last token, so its logits pick the next one; False for a
+    # prefill chunk that stops mid-prompt.
+    emits_token: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", self.start + self.num_tokens == self.seq.num_tokens)
+        object.__setattr__(self, "emits_token", self.start + self.num_tokens == self.seq.num_tokens)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """How many of this step's tokens are prompt tokens (a recompute after preemption also feeds
+        generated ones)."""
+        return max(0, min(self.num_tokens, self.seq.num_prompt_tokens - self.start))
+
+
+@dataclass(frozen=True)
+class NewToken:
+    """One sampled token after `Scheduler.postprocess`: already appended to `seq`."""
+
+    seq: Sequence
+    token_id: int
+    text: str  # the text delta it completed ("" without a detokenizer or when held back)
+    finish_reason: str | None  # "stop" or "length" when it ended the sequence (its blocks are freed)
 
 
 @dataclass
@@ -40,6 +62,10 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(s.num_prompt_tokens for s in self.scheduled)
 
     def __bool__(self) -> bool:
         return bool(self.scheduled)
@@ -90,8 +116,8 @@ class Scheduler:
                 break
             cached = self.block_manager.allocate(seq)
             seq.num_computed_tokens = cached
-            if seq.num_cached_tokens is None:
-                seq.num_cached_tokens = cached
+            if seq.num_prefix_hit_tokens is None:
+                seq.num_prefix_hit_tokens = cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
@@ -127,3 +153,28 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    def postprocess(self, batch: SchedulerOutput, seqs: list[Sequence], token_ids: list[int]) -> list[NewToken]:
+        """Apply a step that ran: `seqs` (in row order) sampled `token_ids`; see the module doc."""
+        for s in batch.scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+            self.block_manager.register_computed(s.seq)
+        return [self._append(seq, token) for seq, token in zip(seqs, token_ids, strict=True)]
+
+    def _append(self, seq: Sequence, token: int) -> NewToken:
+        seq.append_token(token)
+        params, text, reason, stop_string = seq.sampling, "", None, False
+        if token in params.stop_token_ids:
+            reason = "stop"  # the stop token's own text is not part of the response
+        elif seq.detok is not None:
+            text, stop_string = seq.detok.push(token)
+            reason = "stop" if stop_string else None
+        if reason is None and (
+            seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.config.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            if seq.detok is not None and not stop_string:  # nothing after a stop string is ever sent
+                text += seq.detok.finish()
+            self.finish(seq, reason)
+        return NewToken(seq, token, text, reason)

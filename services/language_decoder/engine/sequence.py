@@ -45,9 +45,11 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading blocks already published to the prefix cache
         self.num_computed_tokens = 0
-        self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
+        # Prompt tokens whose K/V the prefix cache held at first admission (None until admitted);
+        # reported as usage. Not updated when a preempted sequence is readmitted.
+        self.num_prefix_hit_tokens: int | None = None
         self.finish_reason: str | None = None
-        self.generator: torch.Generator | None = None
+        self.generator: torch.Generator | None = None  # a seeded request's own stream (the sampler's)
         self.detok: OutputText | None = None
         self._set_images(request)
         self._block_hashes: list[bytes] = []
