@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from services.common.engine_health import EngineHealthConfig, add_engine_health_flags, engine_health_problems
 from services.common.flags import EnvFlags, add_serving_flags, server_tls, serving_problems
+from services.common.limits import DEFAULT_VIDEO_SEGMENTS, MAX_VIDEO_SEGMENTS
 from services.common.server import MiB, ServerConfig
 from services.common.wire import DEFAULT_CHUNK_BYTES
 
@@ -45,8 +46,8 @@ class EncoderConfig:
     max_images_per_request: int = 16
     # Checked from the image header before decoding (decompression bombs). 8K x 5K.
     max_pixels_per_image: int = 40_000_000
-    max_video_segments: int = 64
-    default_video_segments: int = 8
+    max_video_segments: int = MAX_VIDEO_SEGMENTS
+    default_video_segments: int = DEFAULT_VIDEO_SEGMENTS
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_request_bytes: int = 64 * MiB
     grace_seconds: float = 30.0
