@@ -12,6 +12,7 @@ import sys
 import torch
 
 from services.common.checkpoint import CheckpointError
+from services.common.quantization import NO_QUANTIZATION, QUANTIZE_CHOICES
 from services.inprocess import GenerationSettings, InternVLChat
 from services.language_decoder.prompt import IMAGE_PLACEHOLDER, video_question
 from services.vision_encoder.preprocess import load_image, load_video
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tiles", type=int, default=12, help="448 px tiles per image (1..40)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--quantize", default=NO_QUANTIZATION, choices=QUANTIZE_CHOICES,
+                   help="int8: the language decoder's block weights as int8 (close to, not identical with, none)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image and args.video:
         sys.exit("internvl-chat: give --image or --video, not both")
     try:
-        model = InternVLChat.load(args.model, device=args.device, dtype=args.dtype)
+        model = InternVLChat.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     except CheckpointError as exc:
         sys.exit(f"internvl-chat: {exc}")
     question, pixel_values, num_patches_list = args.question, None, None

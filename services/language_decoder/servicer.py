@@ -28,6 +28,8 @@ from internvl.v1 import decoder_pb2, decoder_pb2_grpc
 from services.common.checkpoint import parse_dtype, resolve_model_dir
 from services.common.fingerprint import model_fingerprint
 from services.common.model_config import InternVLConfig
+from services.common.quantization import INT8, NO_QUANTIZATION
+from services.common.server import MiB
 from services.common.tensors import TORCH_TO_WIRE, WIRE_TO_TORCH, tensor_from_wire
 from services.common.wire import DTYPE_NAMES, Reassembler, WireError
 from services.language_decoder.config import DecoderConfig
@@ -44,6 +46,7 @@ from services.language_decoder.engine import (
     find_image_spans,
 )
 from services.language_decoder.model import load_language_model
+from services.language_decoder.quantize import weight_bytes
 from services.language_decoder.prompt import (
     IMAGE_PLACEHOLDER,
     SYSTEM_MESSAGE,
@@ -55,6 +58,7 @@ from services.language_decoder.tokenizer import InternLM2Tokenizer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["LanguageDecoder"].full_name
+WEIGHT_QUANTIZATIONS = {NO_QUANTIZATION: decoder_pb2.WEIGHT_QUANTIZATION_NONE, INT8: decoder_pb2.WEIGHT_QUANTIZATION_INT8}
 FINISH_REASONS = {"stop": decoder_pb2.FINISH_REASON_STOP, "length": decoder_pb2.FINISH_REASON_LENGTH}
 # A client may retry this soon: the queue drains at decode speed.
 RETRY_AFTER_MS = "1000"
@@ -77,6 +81,9 @@ class DecoderRuntime:
     dtype: torch.dtype
     fingerprint: str
     max_model_len: int
+    quantize: str  # the decoder blocks' weights: "none" or "int8"
+    weight_bytes: int
+    kv_cache_bytes: int
 
     @classmethod
     def load(cls, config: DecoderConfig) -> DecoderRuntime:
@@ -85,7 +92,8 @@ class DecoderRuntime:
         dtype = parse_dtype(config.dtype, device)
         root = resolve_model_dir(config.model)
         started = time.monotonic()
-        model = load_language_model(root, device=device, dtype=dtype)
+        model = load_language_model(root, device=device, dtype=dtype, quantize=config.quantize)
+        held = weight_bytes(model)
         tokenizer = InternLM2Tokenizer.from_dir(root)
         engine_config = EngineConfig(
             block_size=config.block_size,
@@ -101,8 +109,14 @@ class DecoderRuntime:
             compile_mode=config.compile_mode,
             use_cuda_graphs=not config.no_cuda_graphs,
             cpu_prepacked_weights=not config.no_cpu_prepacked_weights,
+            quantize=config.quantize,
         )
         llm_engine = LLMEngine(model, engine_config, tokenizer=tokenizer)
+        kv = llm_engine.runner.kv_cache
+        weights = "int8 decoder blocks, embedding and head in " if config.quantize == INT8 else ""
+        log.info("language model weights: %.1f MiB (%s%s); KV cache: %.1f MiB (%d blocks of %d tokens)",
+                 held / MiB, weights, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], kv.nbytes / MiB, kv.num_blocks,
+                 kv.block_size)
         if config.resolved_warmup(device):
             warm_start = time.monotonic()
             try:
@@ -112,10 +126,11 @@ class DecoderRuntime:
                 raise RuntimeError(f"{exc}{hint if engine_config.compile_layers else ''}") from exc
             log.info("warm-up (compilation, CUDA graphs) took %.1fs", time.monotonic() - warm_start)
         engine = AsyncEngine(llm_engine)
-        fingerprint = model_fingerprint(root, DTYPE_NAMES[TORCH_TO_WIRE[dtype]])
+        fingerprint = model_fingerprint(root, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], config.quantize)
         log.info("loaded language model from %s on %s in %s (fingerprint %s) in %.1fs",
                  root, device, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], fingerprint, time.monotonic() - started)
-        return cls(engine, tokenizer, InternVLConfig.from_dir(root), dtype, fingerprint, config.max_model_len)
+        return cls(engine, tokenizer, InternVLConfig.from_dir(root), dtype, fingerprint, config.max_model_len,
+                   config.quantize, held, kv.nbytes)
 
 
 class ResponseText:
@@ -157,6 +172,9 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
             tokens_per_tile=rt.model_config.num_image_token,
             max_context=rt.max_model_len,
             dtype=TORCH_TO_WIRE[rt.dtype],
+            weight_quantization=WEIGHT_QUANTIZATIONS[rt.quantize],
+            weight_bytes=rt.weight_bytes,
+            kv_cache_bytes=rt.kv_cache_bytes,
         )
 
     async def Generate(self, request_iterator, context) -> AsyncIterator[decoder_pb2.GenerateResponse]:
