@@ -129,3 +129,12 @@ def test_decoder_rejects_unknown_compile_mode(capsys) -> None:
     with pytest.raises(SystemExit):
         DecoderConfig.from_args(["--model", "/m", "--compile-mode", "fastest"], env={})
     assert "--compile-mode" in capsys.readouterr().err
+
+
+def test_decoder_quantize_flag_env_and_bad_value(capsys) -> None:
+    assert DecoderConfig.from_args(["--model", "/m"], env={}).quantize == "none"
+    assert DecoderConfig.from_args(["--model", "/m", "--quantize", "int8"], env={}).quantize == "int8"
+    assert DecoderConfig.from_args(["--model", "/m"], env={"IVL_DECODER_QUANTIZE": "int8"}).quantize == "int8"
+    with pytest.raises(SystemExit):
+        DecoderConfig.from_args(["--model", "/m", "--quantize", "int4"], env={})
+    assert "--quantize" in capsys.readouterr().err
