@@ -73,8 +73,9 @@ def image_features(kit: Kit, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     for image_id, files in tiles.items():
         arr = np.stack([np.asarray(Image.open(kit.root / t).convert("RGB")) for t in files])
         pixels = (arr.astype(np.float32) / np.float32(255) - mean) / std  # the manifest's formula
+        pixel_values = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
         with torch.inference_mode():
-            out[image_id] = encoder.extract_feature(torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))))
+            out[image_id] = encoder.extract_feature(pixel_values)
     return {k: v.to(dtype) for k, v in out.items()}
 
 

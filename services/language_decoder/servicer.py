@@ -46,19 +46,21 @@ from services.language_decoder.engine import (
     find_image_spans,
 )
 from services.language_decoder.model import load_language_model
-from services.language_decoder.quantize import weight_bytes
 from services.language_decoder.prompt import (
     IMAGE_PLACEHOLDER,
     SYSTEM_MESSAGE,
     expand_image_placeholders,
     render_conversation,
 )
+from services.language_decoder.quantize import weight_bytes
 from services.language_decoder.tokenizer import InternLM2Tokenizer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["LanguageDecoder"].full_name
-WEIGHT_QUANTIZATIONS = {NO_QUANTIZATION: decoder_pb2.WEIGHT_QUANTIZATION_NONE, INT8: decoder_pb2.WEIGHT_QUANTIZATION_INT8}
+WEIGHT_QUANTIZATIONS = {
+    NO_QUANTIZATION: decoder_pb2.WEIGHT_QUANTIZATION_NONE, INT8: decoder_pb2.WEIGHT_QUANTIZATION_INT8,
+}
 FINISH_REASONS = {"stop": decoder_pb2.FINISH_REASON_STOP, "length": decoder_pb2.FINISH_REASON_LENGTH}
 # A client may retry this soon: the queue drains at decode speed.
 RETRY_AFTER_MS = "1000"
