@@ -118,14 +118,17 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _block_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, layer) for every `nn.Linear` inside the decoder blocks (not the head)."""
-    found = []
-    for parent in model.model.layers.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                found.append((parent, name, child))
-    return found
+def _block_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every `nn.Linear` inside the decoder blocks (not the head).
+
+    The layers themselves are not kept in the list, so each is freed as soon as it is replaced.
+    """
+    return [
+        (parent, name)
+        for parent in model.model.layers.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
 
 
 def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype | None = None) -> nn.Module:
@@ -139,12 +142,14 @@ def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype | None = None
         return model
     dtype = dtype or model.dtype
     with torch.no_grad():
-        for parent, name, linear in _block_linears(model):
+        for parent, name in _block_linears(model):
+            linear = getattr(parent, name)
             if linear.weight.is_meta:
                 layer = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta")
             else:
                 layer = Int8Linear.from_linear(linear, dtype)
             setattr(parent, name, layer)
+            del linear, layer
     return model
 
 
