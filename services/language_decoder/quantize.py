@@ -102,7 +102,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.cpu_kernel and x.device.type == "cpu" and x.dtype == self.scales.dtype:
-            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+            rows = x.reshape(-1, self.in_features).contiguous()
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
             out = out.view(*x.shape[:-1], self.out_features)
         elif torch.compiler.is_compiling() and x.numel() == self.in_features:
             # One row (single-stream decode): a GEMV as multiply-and-sum, which Inductor turns into one
