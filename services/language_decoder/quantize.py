@@ -13,9 +13,10 @@ bytes read against bf16 (a quarter against fp32). The matmul kernels:
   torch.compile. A one-row matmul (single-stream decode) is written as multiply-and-sum, which
   Inductor fuses with the int8 -> bf16 conversion into one kernel that reads the int8 weight once
   (gpt-fast gets the same form from Inductor's own one-row matmul decomposition, which needs
-  `coordinate_descent_tuning`; writing it out keeps it independent of that global setting). More rows go to a regular matmul after a conversion kernel (with
-  `--compile-mode max-autotune-no-cudagraphs` Inductor may fuse that conversion into its matmul
-  template). Uncompiled layers on a GPU are correct but slow (the weight is dequantised on every call).
+  `coordinate_descent_tuning`; writing it out keeps it independent of that global setting). More rows
+  go to a regular matmul after a conversion kernel (with `--compile-mode max-autotune-no-cudagraphs`
+  Inductor may fuse that conversion into its matmul template). Uncompiled layers on a GPU are correct
+  but slow (the weight is dequantised on every call).
 - CPU: torch's int8 weight-only matmul (`aten._weight_int8pack_mm`) for bf16 / fp16 activations, after
   a one-time probe that it exists and matches the plain computation; fp32 activations (CPU's default
   compute dtype) dequantise then matmul, because that kernel has no vectorised fp32 path (35-70x
