@@ -20,6 +20,16 @@ tokens/s at 64 streams. One short script (~2-4 minutes on an H100):
 
     python bench/decoder.py --gpu
 
+Weights side by side (`--compare-weights`): int8 decoder-block weights (services/language_decoder/quantize.py)
+against unquantised ones in one run, on the same random weights: single-stream decode tokens/s and aggregate
+tokens/s at N streams, each as a ratio to the first row, and the bytes the weights take. CPU: fp32, int8
+(fp32 activations), and where the CPU has bf16 kernels bf16 and int8 with bf16 activations (torch's int8
+weight-only kernel), 16 streams. GPU (`--gpu --compare-weights`): the InternVL2-8B shape in bf16 and int8,
+64 streams, compiled layers and CUDA graphs as served:
+
+    .venv/bin/python bench/decoder.py --compare-weights
+    python bench/decoder.py --gpu --compare-weights
+
 Results print as a Markdown table and as JSON (`--json PATH` writes the JSON to a file).
 """
 
@@ -42,6 +52,7 @@ from services.common.known_configs import internvl2_8b_config  # noqa: E402
 from services.common.model_config import LLMConfig, RopeScaling  # noqa: E402
 from services.language_decoder.engine import EngineConfig, EngineRequest, LLMEngine, SamplingParams  # noqa: E402
 from services.language_decoder.model import InternLM2ForCausalLM  # noqa: E402
+from services.language_decoder.quantize import quantize_model, weight_bytes  # noqa: E402
 
 CPU_CONFIG = LLMConfig(
     vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
@@ -414,6 +425,78 @@ def gpu_table(res: dict) -> str:
     ])
 
 
+# --------------------------------------------------------------------------- weights side by side
+
+
+def weight_variants(gpu: bool) -> list[tuple[str, torch.dtype, str]]:
+    """(label, compute dtype, quantisation) per row; the first row is the baseline of the ratios."""
+    if gpu:
+        return [("bf16", torch.bfloat16, "none"), ("int8 (bf16 activations)", torch.bfloat16, "int8")]
+    rows = [("fp32", torch.float32, "none"), ("int8 (fp32 activations)", torch.float32, "int8")]
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        rows += [("bf16", torch.bfloat16, "none"), ("int8 (bf16 activations)", torch.bfloat16, "int8")]
+    return rows
+
+
+def bench_weights(args: argparse.Namespace) -> dict:
+    gpu = args.gpu and not args.smoke
+    device = "cuda" if gpu else "cpu"
+    if not gpu:
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    llm = smoke_config() if args.smoke else internvl2_8b_config().llm if gpu else CPU_CONFIG
+    streams = args.weights_streams or (64 if args.gpu else 16)
+    single_tokens = args.single_tokens if args.gpu else args.new_tokens
+    stream_tokens = args.agg_tokens if args.gpu else args.new_tokens
+    vocab = llm.vocab_size - 16
+    rows = []
+    for label, dtype, quantize in weight_variants(gpu):
+        # The same random weights every row (same seed); int8 rows quantise them in place, layer by layer.
+        model = random_model(llm, device, dtype)
+        params = num_params(model)
+        held = weight_bytes(quantize_model(model, quantize, dtype))
+        if gpu:
+            engine = gpu_engine(model, args, device, compile_=not args.no_compile,
+                                num_kv_blocks=streams * -(-(args.prompt_len + stream_tokens) // args.block_size) + 64)
+        else:
+            max_len = max(128 + single_tokens, args.prompt_len + stream_tokens)
+            engine = LLMEngine(model, EngineConfig(
+                block_size=16, max_num_seqs=streams, max_num_batched_tokens=max(2048, streams), max_model_len=max_len,
+                num_kv_blocks=(streams + 1) * -(-max_len // 16) + 64))
+        single_stream(engine, f"{label}-warm", min(single_tokens, 16), 1)  # compiles / captures the graphs
+        run_streams(engine, prompts(streams, args.prompt_len, vocab, 5), 4, f"{label}-warm-n")
+        single = max(single_stream(engine, f"{label}-single-{k}", single_tokens, 2 + k) for k in range(args.repeat))
+        many = max((run_streams(engine, prompts(streams, args.prompt_len, vocab, 100 + k), stream_tokens,
+                                f"{label}-n-{k}") for k in range(args.repeat)), key=lambda r: r["tok_s"])
+        print(f"  {label}: weights {held / 2**20:.1f} MiB; 1 stream {single:.1f} tok/s; "
+              f"{streams} streams {many['tok_s']:.1f} tok/s", flush=True)
+        rows.append({"weights": label, "weight_bytes": held, "single_tok_s": single, "streams_tok_s": many["tok_s"]})
+        release(engine, device)
+        del engine, model  # before the next row's model is built (on a GPU: 15.5 GB of bf16 weights)
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+    base = rows[0]
+    for r in rows:
+        r["single_ratio"] = r["single_tok_s"] / base["single_tok_s"]
+        r["streams_ratio"] = r["streams_tok_s"] / base["streams_tok_s"]
+        r["bytes_ratio"] = r["weight_bytes"] / base["weight_bytes"]
+    return {"mode": "weights", "device": device, "machine": machine(), "params": params,
+            "llm": vars(llm) | {"rope_scaling": str(llm.rope_scaling)}, "streams": streams,
+            "single_tokens": single_tokens, "stream_tokens": stream_tokens, "prompt_len": args.prompt_len,
+            "repeat": args.repeat, "rows": rows}
+
+
+def weights_table(res: dict) -> str:
+    n, base = res["streams"], res["rows"][0]["weights"]
+    lines = [f"| weights | weight MiB | x {base} | 1 stream tok/s | x {base} | {n} streams tok/s | x {base} |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['weights']} | {r['weight_bytes'] / 2**20:.1f} | {r['bytes_ratio']:.2f} | "
+                     f"{r['single_tok_s']:.1f} | {r['single_ratio']:.2f} | {r['streams_tok_s']:.1f} | "
+                     f"{r['streams_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="InternVL2-8B LLM shape, bf16, on CUDA")
@@ -434,15 +517,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, nargs="?", const=Path("/dev/null"), default=None,
                     help="GPU: print kernel times of the batch-1 decode graph (full table to PATH)")
     ap.add_argument("--smoke", action="store_true", help="with --gpu: run that code path on CPU, tiny model")
+    ap.add_argument("--compare-weights", action="store_true",
+                    help="int8 vs unquantised weights side by side (CPU: fp32, int8, bf16; --gpu: bf16, int8)")
+    ap.add_argument("--weights-streams", type=int, default=0,
+                    help="--compare-weights: concurrent streams (default 16 on CPU, 64 with --gpu)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    if args.gpu:
-        if not torch.cuda.is_available() and not args.smoke:
-            ap.error("--gpu needs a CUDA device (or --smoke to try the code path on CPU)")
-        if not args.block_size:
-            from services.language_decoder.engine.attention import flash_attn_with_kvcache
+    if args.gpu and not torch.cuda.is_available() and not args.smoke:
+        ap.error("--gpu needs a CUDA device (or --smoke to try the code path on CPU)")
+    if args.gpu and not args.block_size:
+        from services.language_decoder.engine.attention import flash_attn_with_kvcache
 
-            args.block_size = 256 if flash_attn_with_kvcache is not None else 16
+        args.block_size = 256 if flash_attn_with_kvcache is not None else 16
+    if args.compare_weights:
+        res = bench_weights(args)
+        table = weights_table(res)
+    elif args.gpu:
         res = bench_gpu(args)
         table = gpu_table(res)
     else:

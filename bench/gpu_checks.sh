@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The decoder's GPU checks in one go (a lent GPU machine's time is short): environment, then
-# bench/decoder.py --gpu (extra arguments go to it), then the CUDA-only tests. Logs and JSON go to
+# bench/decoder.py --gpu (extra arguments go to it), then int8 vs bf16 weights (--compare-weights),
+# then the CUDA-only tests. Logs and JSON go to
 # $OUT (default ./gpu-checks).
 #   bash bench/gpu_checks.sh [--profile gpu-checks/profile.txt]
 set -u
@@ -18,6 +19,12 @@ export PYTHONUNBUFFERED=1
 timeout "${BENCH_TIMEOUT:-300}" $PY bench/decoder.py --gpu --json "$OUT/decoder-gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"
 
+# int8 weights beside bf16 in one run: single stream and 64 streams, weight memory (docs/benchmarks.md).
+timeout "${INT8_BENCH_TIMEOUT:-300}" $PY bench/decoder.py --gpu --compare-weights \
+  --json "$OUT/decoder-gpu-int8.json" 2>&1 | tee "$OUT/bench-int8.log"
+echo "int8 bench exit: ${PIPESTATUS[0]}"
+
 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider tests/unit/test_engine_gpu.py \
-  tests/parity/test_engine_parity.py -k "gpu or cuda" 2>&1 | tee "$OUT/tests.log"
+  tests/unit/test_engine_gpu_int8.py tests/parity/test_engine_parity.py -k "gpu or cuda or int8" 2>&1 \
+  | tee "$OUT/tests.log"
 echo "tests exit: ${PIPESTATUS[0]}"

@@ -33,11 +33,12 @@ from services.common.checkpoint import CheckpointError, parse_dtype, resolve_mod
 from services.common.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, fail, read_file
 from services.common.limits import MAX_TILES_LIMIT
 from services.common.model_config import InternVLConfig
+from services.common.quantization import NO_QUANTIZATION, QUANTIZE_CHOICES
 from services.inprocess import GenerationSettings, InternVLChat
 from services.language_decoder.config import DecoderConfig
 from services.language_decoder.engine import SamplingParams
 from services.language_decoder.prompt import IMAGE_PLACEHOLDER, build_chat_prompt, video_question
-from services.language_decoder.tokenizer import InternLM2Tokenizer
+from services.language_decoder.tokenizer_loader import Tokenizer, load_tokenizer
 from services.vision_encoder.config import EncoderConfig
 from services.vision_encoder.preprocess import load_image, load_video, open_image
 from services.vision_encoder.servicer import IMAGE_FORMAT_NAMES
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     placement.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                            help="cpu, cuda or cuda:N (default: cuda when there is one)")
     placement.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    placement.add_argument("--quantize", default=NO_QUANTIZATION, choices=QUANTIZE_CHOICES,
+                           help="int8: the language decoder's block weights as int8 (close to, not identical "
+                                "with, none)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=512,
                      help=f"answer length cap (1..{CONTEXT_TOKENS}; prompt and answer share {CONTEXT_TOKENS} tokens)")
@@ -169,7 +173,7 @@ class Checkpoint:
 
     root: Path
     config: InternVLConfig
-    tokenizer: InternLM2Tokenizer
+    tokenizer: Tokenizer
 
 
 def open_checkpoint(model: str) -> Checkpoint:
@@ -183,10 +187,10 @@ def open_checkpoint(model: str) -> Checkpoint:
         raise UsageError(f"{root / 'config.json'} is not an InternVL2 config ({type(exc).__name__}: {exc}); "
                          "give --model an InternVL2 checkpoint directory") from exc
     try:
-        tokenizer = InternLM2Tokenizer.from_dir(root)
+        tokenizer = load_tokenizer(root)
     except (OSError, ValueError) as exc:  # TokenizerError is a ValueError, as is a broken JSON file
-        raise UsageError(f"cannot load the tokenizer of {root} ({exc}); "
-                         "the checkpoint needs its tokenizer.model and tokenizer JSON files") from exc
+        raise UsageError(f"cannot load the tokenizer of {root} ({exc}); the checkpoint needs its "
+                         "tokenizer files (tokenizer_config.json and the files it names)") from exc
     return Checkpoint(root, config, tokenizer)
 
 
@@ -273,12 +277,12 @@ def prompt_tokens(checkpoint: Checkpoint, inputs: Inputs) -> int:
     return count
 
 
-def load_model(checkpoint: Checkpoint, device: str, dtype: str, show_progress: bool) -> InternVLChat:
+def load_model(checkpoint: Checkpoint, device: str, dtype: str, quantize: str, show_progress: bool) -> InternVLChat:
     # The loaders draw progress bars on sys.stderr: for a person at a terminal, not for a log or a pipe.
     held = contextlib.nullcontext() if show_progress else contextlib.redirect_stderr(io.StringIO())
     try:
         with held:
-            return InternVLChat.load(checkpoint.root, device=device, dtype=dtype)
+            return InternVLChat.load(checkpoint.root, device=device, dtype=dtype, quantize=quantize)
     except CheckpointError as exc:
         raise UsageError(f"{exc}; --model must be a complete, unmodified InternVL2 checkpoint") from exc
     except SafetensorError as exc:
@@ -298,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     # As the decoder service does, the answer stops where the context ends.
     settings = replace(settings, max_new_tokens=min(settings.max_new_tokens, CONTEXT_TOKENS - prompt_len))
     started = time.monotonic()
-    model = load_model(checkpoint, args.device, args.dtype, args.verbose or sys.stderr.isatty())
+    model = load_model(checkpoint, args.device, args.dtype, args.quantize, args.verbose or sys.stderr.isatty())
     progress(f"loaded {checkpoint.root} on {args.device} in {time.monotonic() - started:.1f}s")
     progress(f"prompt: {prompt_len} tokens; generating at most {settings.max_new_tokens} tokens")
     response, _ = model.chat(inputs.question, inputs.pixel_values, inputs.num_patches_list, generation=settings)

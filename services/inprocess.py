@@ -14,6 +14,7 @@ import torch
 
 from services.common.checkpoint import parse_dtype, resolve_model_dir
 from services.common.model_config import InternVLConfig
+from services.common.quantization import NO_QUANTIZATION
 from services.language_decoder.generate import generate
 from services.language_decoder.model import InternLM2ForCausalLM, load_language_model
 from services.language_decoder.prompt import build_batch_prompts, build_chat_prompt, extract_response, get_template
@@ -50,13 +51,16 @@ class InternVLChat:
         self.stop_token_id = stop_token_id(tokenizer, self.template)  # chat() stops on the separator only
 
     @classmethod
-    def load(cls, model: str | Path, device: str = "cpu", dtype: str | None = None) -> InternVLChat:
+    def load(
+        cls, model: str | Path, device: str = "cpu", dtype: str | None = None, quantize: str = NO_QUANTIZATION
+    ) -> InternVLChat:
+        """`quantize="int8"`: the language decoder's block weights as int8 (the vision half is unchanged)."""
         model_dir = resolve_model_dir(model)
         torch_dtype = parse_dtype(dtype, device)
         return cls(
             InternVLConfig.from_dir(model_dir),
             load_vision_encoder(model_dir, device=device, dtype=torch_dtype),
-            load_language_model(model_dir, device=device, dtype=torch_dtype),
+            load_language_model(model_dir, device=device, dtype=torch_dtype, quantize=quantize),
             load_tokenizer(model_dir),
         )
 

@@ -13,9 +13,18 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+
+class WeightQuantization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEIGHT_QUANTIZATION_UNSPECIFIED: _ClassVar[WeightQuantization]
+    WEIGHT_QUANTIZATION_NONE: _ClassVar[WeightQuantization]
+    WEIGHT_QUANTIZATION_INT8: _ClassVar[WeightQuantization]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
+WEIGHT_QUANTIZATION_UNSPECIFIED: WeightQuantization
+WEIGHT_QUANTIZATION_NONE: WeightQuantization
+WEIGHT_QUANTIZATION_INT8: WeightQuantization
 
 class Turn(_message.Message):
     __slots__ = ("user", "assistant")
@@ -114,17 +123,23 @@ class DecoderInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DecoderInfo(_message.Message):
-    __slots__ = ("fingerprint", "hidden_size", "tokens_per_tile", "max_context", "dtype", "model_name")
+    __slots__ = ("fingerprint", "hidden_size", "tokens_per_tile", "max_context", "dtype", "model_name", "weight_quantization", "weight_bytes", "kv_cache_bytes")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     hidden_size: int
     tokens_per_tile: int
     max_context: int
     dtype: _tensor_pb2.DType
     model_name: str
-    def __init__(self, fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., model_name: _Optional[str] = ...) -> None: ...
+    weight_quantization: WeightQuantization
+    weight_bytes: int
+    kv_cache_bytes: int
+    def __init__(self, fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., model_name: _Optional[str] = ..., weight_quantization: _Optional[_Union[WeightQuantization, str]] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -75,11 +75,15 @@ def load_tensors(
     device: torch.device | str = "cpu",
     strip: str = "",
     progress: bool = True,
+    convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors whose names start with one of `prefixes`, converted to `dtype` on `device`.
 
     `strip` is removed from the front of every returned name, so a half's module can keep
-    upstream's names below its root (e.g. strip `language_model.`).
+    upstream's names below its root (e.g. strip `language_model.`). `convert(name, tensor)`, when
+    given, replaces the cast to `dtype`: it gets each tensor as stored, right after it is read, and
+    returns the tensors to keep for it (quantisation turns one weight into int8 values + scales, so
+    the unconverted model is never held whole).
     """
     prefixes = tuple(prefixes)
     by_file: dict[Path, list[str]] = defaultdict(list)
@@ -97,7 +101,10 @@ def load_tensors(
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in by_file[file]:
                 key = name[len(strip) :] if strip and name.startswith(strip) else name
-                tensors[key] = f.get_tensor(name).to(dtype)
+                if convert is None:
+                    tensors[key] = f.get_tensor(name).to(dtype)
+                else:
+                    tensors.update(convert(key, f.get_tensor(name)))
     return tensors
 
 

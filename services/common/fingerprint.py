@@ -9,7 +9,9 @@ take minutes, so the id covers what identifies a checkpoint cheaply:
   and byte offsets);
 - a sparse sample of each file's tensor bytes (a few KiB at evenly spaced offsets): two fine-tunes
   of one architecture have identical headers and sizes, and the sample tells them apart;
-- the compute dtype name.
+- the compute dtype name;
+- the weight quantisation, when there is one (int8 weights compute different logits and KV, so an
+  int8 decoder's id differs from the same checkpoint's unquantised one).
 
 Torch-free, so the gateway or tools can compute it too.
 """
@@ -20,6 +22,8 @@ import hashlib
 import os
 import struct
 from pathlib import Path
+
+from services.common.quantization import NO_QUANTIZATION
 
 FINGERPRINT_VERSION = b"internvl-fingerprint-v1"
 FINGERPRINT_HEX_CHARS = 16  # 64 bits: ample to tell apart the handful of models one deployment serves
@@ -36,11 +40,12 @@ class FingerprintError(RuntimeError):
     """The directory cannot be fingerprinted (no config.json, or a malformed safetensors file)."""
 
 
-def model_fingerprint(model_dir: str | os.PathLike, dtype_name: str) -> str:
+def model_fingerprint(model_dir: str | os.PathLike, dtype_name: str, quantization: str = NO_QUANTIZATION) -> str:
     """Hex id of the checkpoint in `model_dir` computed in `dtype_name` (e.g. "bf16").
 
     Pass the canonical dtype name the service reports (the same model in "bf16" and "fp32" gives
-    different embeddings, hence different ids).
+    different embeddings, hence different ids), and the weight quantisation ("none", "int8"); "none"
+    leaves the id exactly what it was before quantisation existed.
     """
     root = Path(model_dir)
     config = root / "config.json"
@@ -56,6 +61,8 @@ def model_fingerprint(model_dir: str | os.PathLike, dtype_name: str) -> str:
         _update(h, path.name.encode())
         _hash_safetensors(h, path)
     _update(h, dtype_name.encode())
+    if quantization != NO_QUANTIZATION:
+        _update(h, b"weights:" + quantization.encode())
     return h.hexdigest()[:FINGERPRINT_HEX_CHARS]
 
 

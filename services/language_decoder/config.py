@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from services.common.engine_health import EngineHealthConfig, add_engine_health_flags, engine_health_problems
 from services.common.flags import EnvFlags, add_serving_flags, server_tls, serving_problems
+from services.common.quantization import NO_QUANTIZATION, QUANTIZE_CHOICES
 from services.common.server import MiB, ServerConfig
 
 ENV_PREFIX = "IVL_DECODER_"
@@ -24,6 +25,7 @@ class DecoderConfig:
     model: str  # checkpoint directory or Hub repo id
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: str = "auto"  # auto = bf16 on accelerators, fp32 on CPU
+    quantize: str = NO_QUANTIZATION  # int8: decoder-block weights int8 (half of bf16's bytes), weight-only
     host: str = "127.0.0.1"  # loopback unless told otherwise: the decoder has no auth
     port: int = DEFAULT_PORT
     max_model_len: int = 8192  # InternVL2-8B's training context
@@ -61,6 +63,7 @@ class DecoderConfig:
             for ok, msg in [
                 (bool(self.model), "--model is required (a checkpoint directory or a Hub repo id)"),
                 (self.dtype in DTYPE_CHOICES, f"--dtype must be one of {', '.join(DTYPE_CHOICES)}"),
+                (self.quantize in QUANTIZE_CHOICES, f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}"),
                 (0 <= self.port <= 65535, "--port must be in [0, 65535]"),
                 (self.max_model_len >= 16, "--max-model-len must be >= 16"),
                 (self.default_max_new_tokens >= 1, "--default-max-new-tokens must be >= 1"),
@@ -116,6 +119,9 @@ class DecoderConfig:
         flags = EnvFlags(parser, ENV_PREFIX, cls.__dataclass_fields__, env)
         flags.add("--device", str, "torch device: auto, cpu, cuda, cuda:1, ...")
         flags.add("--dtype", str, "compute dtype", choices=DTYPE_CHOICES)
+        flags.add("--quantize", str, "int8: the decoder blocks' linear weights as int8 with per-channel scales, "
+                  "quantised while loading (output close to, not identical with, unquantised)",
+                  choices=QUANTIZE_CHOICES)
         flags.add("--host", str, "bind address (0.0.0.0 or :: to serve beyond this machine)")
         flags.add("--port", int, "gRPC port")
         flags.add("--max-model-len", int, "prompt + generated tokens per sequence")

@@ -45,6 +45,8 @@ from services.common.checkpoint import (
     resolve_model_dir,
 )
 from services.common.model_config import InternVLConfig, LLMConfig
+from services.common.quantization import INT8, NO_QUANTIZATION, check_quantize
+from services.language_decoder.quantize import int8_loader
 
 # SDPA grew native grouped-query attention (`enable_gqa`) in torch 2.5; older builds repeat k/v.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -473,17 +475,25 @@ def build_language_model(cfg: LLMConfig) -> InternLM2ForCausalLM:
 
 
 def load_language_model(
-    model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    quantize: str = NO_QUANTIZATION,
 ) -> InternLM2ForCausalLM:
-    """Build on meta and assign the `language_model.*` tensors; vision tensors are never read."""
+    """Build on meta and assign the `language_model.*` tensors; vision tensors are never read.
+
+    `quantize="int8"`: the decoder blocks' linear weights become int8 as each is read (see quantize.py).
+    """
     model_dir = resolve_model_dir(model_dir)
     cfg = InternVLConfig.from_dir(model_dir).llm
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
         model = build_language_model(cfg)
+    convert = int8_loader(model, dtype) if check_quantize(quantize) == INT8 else None
     tensors = load_tensors(
-        model_dir, LLM_PREFIXES, dtype=dtype, device=device, strip="language_model.", progress=False
+        model_dir, LLM_PREFIXES, dtype=dtype, device=device, strip="language_model.", progress=False,
+        convert=convert,
     )
+    if convert is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the quantiser's fp32 temporaries: free before the KV cache is sized
     assign_weights(model, tensors, "language model")
     # Non-persistent buffers are not in the checkpoint: create them on the real device, in fp32.
     model.rotary.init_buffers(device)

@@ -31,6 +31,8 @@ from services.common.engine_health import EngineHealth
 from services.common.fingerprint import model_fingerprint
 from services.common.limits import MAX_STOP_TOKEN_IDS, proto_sampling_problem
 from services.common.model_config import InternVLConfig
+from services.common.quantization import INT8, NO_QUANTIZATION
+from services.common.server import MiB
 from services.common.tensors import TORCH_TO_WIRE, WIRE_TO_TORCH, tensor_from_wire
 from services.common.wire import DTYPE_NAMES, Reassembler, WireError
 from services.language_decoder.config import DecoderConfig
@@ -54,11 +56,15 @@ from services.language_decoder.prompt import (
     get_template,
     render_conversation,
 )
+from services.language_decoder.quantize import weight_bytes
 from services.language_decoder.tokenizer_loader import Tokenizer, load_tokenizer, stop_token_id
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["LanguageDecoder"].full_name
+WEIGHT_QUANTIZATIONS = {
+    NO_QUANTIZATION: decoder_pb2.WEIGHT_QUANTIZATION_NONE, INT8: decoder_pb2.WEIGHT_QUANTIZATION_INT8,
+}
 FINISH_REASONS = {"stop": decoder_pb2.FINISH_REASON_STOP, "length": decoder_pb2.FINISH_REASON_LENGTH}
 # A client may retry this soon: the queue drains at decode speed.
 RETRY_AFTER_MS = "1000"
@@ -79,6 +85,9 @@ class DecoderRuntime:
     fingerprint: str
     max_model_len: int
     health: EngineHealth  # counts failed engine steps (services/common/engine_health.py)
+    quantize: str  # the decoder blocks' weights: "none" or "int8"
+    weight_bytes: int
+    kv_cache_bytes: int
 
     @property
     def template(self) -> ChatTemplate:
@@ -91,7 +100,8 @@ class DecoderRuntime:
         dtype = parse_dtype(config.dtype, device)
         root = resolve_model_dir(config.model)
         started = time.monotonic()
-        model = load_language_model(root, device=device, dtype=dtype)
+        model = load_language_model(root, device=device, dtype=dtype, quantize=config.quantize)
+        held = weight_bytes(model)
         tokenizer = load_tokenizer(root)
         model_config = InternVLConfig.from_dir(root)
         # An unknown template, or a separator that is no token, fails the start rather than each request.
@@ -110,8 +120,14 @@ class DecoderRuntime:
             compile_mode=config.compile_mode,
             use_cuda_graphs=not config.no_cuda_graphs,
             cpu_prepacked_weights=not config.no_cpu_prepacked_weights,
+            quantize=config.quantize,
         )
         llm_engine = LLMEngine(model, engine_config, tokenizer=tokenizer)
+        kv = llm_engine.runner.kv_cache
+        weights = "int8 decoder blocks, embedding and head in " if config.quantize == INT8 else ""
+        log.info("language model weights: %.1f MiB (%s%s); KV cache: %.1f MiB (%d blocks of %d tokens)",
+                 held / MiB, weights, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], kv.nbytes / MiB, kv.num_blocks,
+                 kv.block_size)
         if config.resolved_warmup(device):
             warm_start = time.monotonic()
             try:
@@ -123,10 +139,11 @@ class DecoderRuntime:
         health = EngineHealth(config.engine_health_config(), "decoder engine step")
         health.fault.install_on_module(model.model.tok_embeddings)  # test-only switch; every step embeds
         engine = AsyncEngine(llm_engine, on_step=health.record)
-        fingerprint = model_fingerprint(root, DTYPE_NAMES[TORCH_TO_WIRE[dtype]])
+        fingerprint = model_fingerprint(root, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], config.quantize)
         log.info("loaded language model from %s on %s in %s (fingerprint %s) in %.1fs",
                  root, device, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], fingerprint, time.monotonic() - started)
-        return cls(engine, tokenizer, model_config, dtype, fingerprint, config.max_model_len, health)
+        return cls(engine, tokenizer, model_config, dtype, fingerprint, config.max_model_len, health,
+                   config.quantize, held, kv.nbytes)
 
 
 class ResponseText:
@@ -178,6 +195,9 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
             max_context=rt.max_model_len,
             dtype=TORCH_TO_WIRE[rt.dtype],
             model_name=PurePath(self.config.model.rstrip("/")).name,
+            weight_quantization=WEIGHT_QUANTIZATIONS[rt.quantize],
+            weight_bytes=rt.weight_bytes,
+            kv_cache_bytes=rt.kv_cache_bytes,
         )
 
     async def Generate(self, request_iterator, context) -> AsyncIterator[decoder_pb2.GenerateResponse]:

@@ -50,6 +50,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.quantization import NO_QUANTIZATION, QUANTIZE_CHOICES
+
 PROG = "run_local"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TINY = Path(".cache/tiny-internvl2")
@@ -231,7 +233,7 @@ class Stack:
                                     encoder_device, *common, *shlex.split(a.encoder_args)],
                         self.run_dir / "encoder.log", a.encoder_port)
         decoder = Child("decoder", [py, "-m", "services.language_decoder", "--model", model, "--device",
-                                    decoder_device, *common, *shlex.split(a.decoder_args)],
+                                    decoder_device, *common, "--quantize", a.quantize, *shlex.split(a.decoder_args)],
                         self.run_dir / "decoder.log", a.decoder_port)
         same = {encoder_device, decoder_device} <= {"cuda", "cuda:0"} or encoder_device == decoder_device
         if same and encoder_device != "cpu":
@@ -468,6 +470,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--decoder-device", help="device of the language decoder (e.g. cuda:1); default --device")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="compute dtype of both model services (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--quantize", default=NO_QUANTIZATION, choices=QUANTIZE_CHOICES,
+                   help="int8: the language decoder's block weights as int8 (half of bf16's memory; output close "
+                        "to, not identical with, none); the vision encoder is unchanged")
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address (0.0.0.0 to serve beyond this machine)")
     p.add_argument("--port", type=int, default=50051, help="gateway port (0 = a free one)")
     p.add_argument("--http-port", type=int, default=8000,

@@ -23,7 +23,7 @@ import pytest
 
 from services.chat import CONTEXT_TOKENS, MAX_FRAMES, argument_problem, build_parser
 from services.common.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from services.vision_encoder.servicer import MAX_TILES_LIMIT
+from services.common.limits import MAX_TILES_LIMIT
 from tests.conftest import load_kit
 from tests.integration.procs import REPO_ROOT
 
@@ -185,7 +185,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         ("config of another model", r"\S+/config\.json is not an InternVL2 config \(KeyError: 'vision_config'\); "
                                     r"give --model an InternVL2 checkpoint directory"),
         ("no tokenizer", r"cannot load the tokenizer of \S+ \(\S+ has no tokenizer\.model\); the checkpoint needs "
-                         r"its tokenizer\.model and tokenizer JSON files"),
+                         r"its tokenizer files \(tokenizer_config\.json and the files it names\)"),
         ("no weights", r"\S+ has neither model\.safetensors nor model\.safetensors\.index\.json; --model must be a "
                        r"complete, unmodified InternVL2 checkpoint"),
         ("truncated weights", r"the weights in \S+ do not read \(.*\); the download is incomplete or the files are "
@@ -208,7 +208,7 @@ def test_a_model_that_is_not_a_checkpoint_is_one_line_and_exit_2(checkpoints: di
     ("args", "message"),
     [
         (("--max-tiles", str(MAX_TILES_LIMIT + 1)), f"--max-tiles must be in [1, {MAX_TILES_LIMIT}], got 41"),
-        (("--temperature", "-1"), "bad sampling settings: temperature must be >= 0, got -1.0"),
+        (("--temperature", "-1"), "bad sampling settings: temperature must be >= 0 (0 = greedy), got -1.0"),
         (("--image", "a.png", "--video", "b.mp4"), "give --image or --video, not both"),
     ],
 )
@@ -230,8 +230,8 @@ def test_bad_arguments_exit_2_with_the_reason(args: tuple[str, ...], message: st
         (("--max-new-tokens", str(CONTEXT_TOKENS + 1)), f"--max-new-tokens must be in [1, {CONTEXT_TOKENS}]"),
         (("--top-p", "1.5"), "bad sampling settings: top_p must be in (0, 1], got 1.5"),
         (("--top-p", "0"), "bad sampling settings: top_p must be in (0, 1], got 0.0"),
-        (("--top-k", "-1"), "bad sampling settings: top_k must be >= 0, got -1"),
-        (("--repetition-penalty", "0"), "bad sampling settings: repetition_penalty must be > 0, got 0.0"),
+        (("--top-k", "-1"), "bad sampling settings: top_k must be >= 0 (0 = off), got -1"),
+        (("--repetition-penalty", "0"), "bad sampling settings: repetition_penalty must be > 0 (1 = off), got 0.0"),
         (("--dtype", "int8"), "--dtype: unknown dtype 'int8'; use one of auto"),
         (("--device", "gpu0"), "--device 'gpu0' is not a device; use cpu, cuda or cuda:N"),
         (("--device", "cuda:99"), "--device cuda:99: "),

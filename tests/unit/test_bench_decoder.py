@@ -29,3 +29,18 @@ def test_gpu_mode_code_path_runs_on_cpu_with_smoke(tmp_path) -> None:
     res = json.loads(out.read_text())
     assert rc == 0 and res["mode"] == "gpu"
     assert res["agg64"]["tokens"] == 64 * 4 and res["single_stream_tok_s"] > 0 and res["ttft_3400_image_s"] > 0
+
+
+def test_compare_weights_puts_int8_beside_unquantised_weights(tmp_path, capsys) -> None:
+    out = tmp_path / "weights.json"
+    rc = decoder.main(["--compare-weights", "--smoke", "--new-tokens", "3", "--prompt-len", "16", "--repeat", "1",
+                       "--weights-streams", "2", "--json", str(out)])
+    res = json.loads(out.read_text())
+    rows = {r["weights"]: r for r in res["rows"]}
+    assert rc == 0 and res["mode"] == "weights" and res["streams"] == 2
+    assert list(rows)[:2] == ["fp32", "int8 (fp32 activations)"]
+    assert rows["fp32"]["single_ratio"] == 1.0 and all(r["single_tok_s"] > 0 and r["streams_tok_s"] > 0
+                                                        for r in rows.values())
+    # int8 block weights: well under half of fp32's bytes even with this tiny model's fp32 embedding and head.
+    assert rows["int8 (fp32 activations)"]["bytes_ratio"] < 0.7
+    assert "| int8 (fp32 activations) |" in capsys.readouterr().out

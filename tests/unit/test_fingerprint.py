@@ -75,3 +75,10 @@ def test_not_a_checkpoint_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(FingerprintError, match="header length"):
         model_fingerprint(tmp_path, "bf16")
+
+
+def test_int8_weights_change_the_id_and_none_keeps_the_old_one(tmp_path: Path) -> None:
+    root = make_checkpoint(tmp_path / "a")
+    plain = model_fingerprint(root, "bf16")
+    assert model_fingerprint(root, "bf16", "none") == plain  # ids of unquantised models did not move
+    assert model_fingerprint(root, "bf16", "int8") not in (plain, model_fingerprint(root, "fp32", "int8"))

@@ -161,3 +161,12 @@ def test_gateway_bad_redis_urls(argv, capsys) -> None:
     with pytest.raises(SystemExit):
         _gateway(["--insecure-open", *argv])
     assert "redis" in capsys.readouterr().err
+
+
+def test_decoder_quantize_flag_env_and_bad_value(capsys) -> None:
+    assert DecoderConfig.from_args(["--model", "/m"], env={}).quantize == "none"
+    assert DecoderConfig.from_args(["--model", "/m", "--quantize", "int8"], env={}).quantize == "int8"
+    assert DecoderConfig.from_args(["--model", "/m"], env={"IVL_DECODER_QUANTIZE": "int8"}).quantize == "int8"
+    with pytest.raises(SystemExit):
+        DecoderConfig.from_args(["--model", "/m", "--quantize", "int4"], env={})
+    assert "--quantize" in capsys.readouterr().err

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common.quantization import NO_QUANTIZATION, check_quantize
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -41,6 +43,10 @@ class EngineConfig:
     # CPU, fp32: keep a second, oneDNN-prepacked copy of every weight for batched decode matmuls
     # (10-30 % faster at 4-64 sequences; doubles weight memory). See cpu_weights.PrepackedLinear.
     cpu_prepacked_weights: bool = True
+    # "int8": the decoder blocks' linear weights as int8 with per-channel scales (quantize.py), applied to
+    # the model in place before the runner sees it; a model loaded with quantize="int8" already is.
+    # "none" leaves the model as given.
+    quantize: str = NO_QUANTIZATION
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue_size")
@@ -59,6 +65,7 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.watermark_blocks < 0:
             raise ValueError("watermark_blocks must be >= 0")
+        check_quantize(self.quantize)
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from services.language_decoder.model import InternLM2ForCausalLM
+from services.language_decoder.quantize import quantize_model
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -53,7 +54,7 @@ class LLMEngine:
         detokenizer_factory: Callable[[], IncrementalDetokenizer] | None = None,
     ) -> None:
         self.config = config or EngineConfig()
-        self.runner = ModelRunner(model, self.config)
+        self.runner = ModelRunner(quantize_model(model, self.config.quantize), self.config)
         # Cached KV carries the RoPE base it was written with; past the dynamic-NTK threshold that base
         # depends on the whole sequence's length, so reuse is only exact below it.
         prefix_ok = self.runner.rope.position_only
