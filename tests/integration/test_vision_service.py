@@ -148,7 +148,10 @@ def test_images_match_in_process_encoder_and_goldens(stub, reference) -> None:
     datas = [image_bytes(KIT, img) for img in IMAGES]
     items = encode(stub, image_request(*datas))
     assert [it.header.index for it in items] == list(range(len(IMAGES)))
-    goldens = {v["image"]: v for v in KIT.manifest["vision_features"]}
+    goldens = {v["image"]: v for v in KIT.manifest.get("vision_features", [])}
+    assert goldens.keys() <= {img["id"] for img in IMAGES}, "vision_features goldens for images not in the kit"
+    # The upstream comparison runs on the images the kit has goldens for; a kit with none checks nothing.
+    assert goldens, f"the parity kit {KIT.root} has no vision_features goldens: nothing to compare with upstream"
     tol = KIT.tolerances["vision_features_fp32"]
     for image, data, item in zip(IMAGES, datas, items, strict=True):
         n = image["num_tiles"]
@@ -159,7 +162,6 @@ def test_images_match_in_process_encoder_and_goldens(stub, reference) -> None:
         if image["id"] in goldens:
             golden = torch.from_numpy(KIT.npy(goldens[image["id"]]["file"]))
             torch.testing.assert_close(item.features, golden, atol=tol["atol"], rtol=tol["rtol"])
-    assert goldens.keys() <= {img["id"] for img in IMAGES}
 
 
 def test_large_image_arrives_in_several_chunks(stub) -> None:
