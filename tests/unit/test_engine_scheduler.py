@@ -137,6 +137,12 @@ def test_a_lone_sequence_that_outgrows_memory_preempts_itself() -> None:
     out = fake_step(sched)
     assert out.preempted == [a] and out.scheduled == []
     assert sched.block_manager.num_free_blocks == 2
+    sched.finish(a, "length")  # the engine ends it: it can never fit
+    b = seq(8, first=20)
+    sched.add(b)
+    fake_step(sched)
+    assert fake_step(sched).preempted == [b]
+    assert sched.num_preemptions == 2  # every preemption is counted
 
 
 def test_finish_frees_blocks_wherever_the_sequence_is() -> None:
@@ -218,3 +224,11 @@ def test_watermark_holds_blocks_back_only_while_something_runs() -> None:
     assert counts(out) == {a.request_id: 1} and sched.waiting[0] is b
     sched.finish(a, "stop")
     assert counts(fake_step(sched)) == {b.request_id: 9}  # nothing runs: no reserve
+
+
+def test_the_last_token_of_the_budget_still_admits_a_chunk() -> None:
+    sched = make(max_num_batched_tokens=16)
+    a, b = seq(15), seq(5, 1)
+    sched.add(a)
+    sched.add(b)
+    assert counts(fake_step(sched)) == {a.request_id: 15, b.request_id: 1}
