@@ -1,8 +1,8 @@
 """The sampling warpers at their exact boundaries (HF's rules), where an off-by-one changes which tokens may be drawn.
 
 Probabilities are powers of two, so every softmax and cumulative sum below is exact in float32 and each
-case sits exactly on its boundary. Everything goes through `process_logits` (what the engine's sampler
-calls); `kept` lists the token ids a draw may still pick.
+case sits exactly on its boundary. Everything goes through `process_logits` and `sample` (what the
+engine's sampler calls); `kept` lists the token ids a draw may still pick.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from services.language_decoder.generate import process_logits
+from services.language_decoder.generate import process_logits, sample
 
 
 def kept(probs: list[float], **warpers) -> list[int]:
@@ -86,3 +86,36 @@ def test_greedy_applies_no_warper() -> None:
     scores = process_logits(logits, do_sample=False, temperature=0.5, top_k=1, top_p=0.1)
     assert all(math.isfinite(v) for v in scores[0].tolist())
     torch.testing.assert_close(scores, logits)
+
+
+# ---------------------------------------------------------------------------------------- repetition penalty, defaults
+
+
+def test_repetition_penalty_divides_positive_logits_below_one_too() -> None:
+    logits = torch.tensor([[0.5, 0.0, -0.5, 3.0]])
+    out = process_logits(logits, repetition_penalty=2.0, prev_tokens=torch.tensor([[0, 1, 2]]))
+    assert out.tolist() == [[0.25, 0.0, -1.0, 3.0]]
+    # Without previous tokens there is nothing to penalise.
+    assert process_logits(logits, repetition_penalty=2.0).tolist() == logits.tolist()
+
+
+def test_defaults_are_greedy_and_change_nothing() -> None:
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    prev = torch.tensor([[0]])
+    torch.testing.assert_close(process_logits(logits, temperature=0.5, top_k=1, top_p=0.1), logits)
+    torch.testing.assert_close(process_logits(logits, prev_tokens=prev), logits)
+    assert sample(logits).tolist() == [0]
+    # Sampling with the defaults draws exactly what sampling with the neutral settings draws.
+    rows = torch.randn(64, 50, generator=torch.Generator().manual_seed(3))
+    prev = torch.zeros(64, 1, dtype=torch.long)
+    draw = lambda **kw: sample(rows, do_sample=True, prev_tokens=prev,  # noqa: E731
+                               generator=torch.Generator().manual_seed(5), **kw)
+    neutral = draw(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    assert torch.equal(draw(), neutral)
+    assert len(set(neutral.tolist())) > 10  # a real draw, not the argmax
+
+
+def test_sample_applies_top_p() -> None:
+    peaked = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).expand(200, 4)
+    picks = sample(peaked, do_sample=True, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {1}  # token 1 alone holds 0.73 of the mass
