@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint protos run chat tiny clean
+.PHONY: setup test lint protos run chat tiny clean mutate
 
 # One command: a virtualenv with the package and its dependencies, plus redis-server.
 setup: $(VENV)/.installed
@@ -31,6 +31,14 @@ protos:
 
 lint:
 	$(PY) -m ruff check .
+
+# Mutation testing (mutmut) of the core pure modules, each group against its fast unit tests; not in
+# CI (slow). GROUPS picks some (`make mutate GROUPS="sampler security"`, list: python -m tests.mutate
+# --list); MUTATE_JOBS sets the parallel workers. Report and kept survivors: docs/testing.md.
+GROUPS ?=
+MUTATE_JOBS ?= 2
+mutate: setup
+	$(PY) -m tests.mutate --jobs $(MUTATE_JOBS) $(GROUPS)
 
 MODEL ?=
 ENCODER_DEVICE ?=

@@ -1,16 +1,22 @@
-"""Shared fixtures. Parity tests read the kit named by PARITY_KIT (default: the dev kit copy)."""
+"""Shared fixtures. Parity tests read the kit named by PARITY_KIT (default: the dev kit copy).
+
+Real redis-server processes (tests/redis_server.py) for the integration tests and for the unit tests
+of the Redis-backed stores.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.redis_server import RedisServer, RedisServerMissing
 
 DEFAULT_KIT = Path(__file__).parent / "fixtures" / "parity" / "dev"
 T = TypeVar("T")
@@ -158,3 +164,48 @@ def load_kit() -> Kit:
 @pytest.fixture(scope="session")
 def kit() -> Kit:
     return load_kit()
+
+
+# ---------------------------------------------------------------------------------------- redis-server
+
+
+def _new_redis_server(workdir: Path, **kwargs: str | None) -> RedisServer:
+    try:
+        return RedisServer(workdir, **kwargs)
+    except RedisServerMissing as e:
+        missing = str(e)
+    # Fail, not skip: a skipped Redis suite looks green while nothing was tested.
+    pytest.fail(missing, pytrace=False)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server per test (tests may stop, pause or restart it)."""
+    server = _new_redis_server(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Factory for extra servers, e.g. `start_redis(maxmemory="2mb", maxmemory_policy="noeviction")`."""
+    servers: list[RedisServer] = []
+
+    def start(*, maxmemory: str | None = None, maxmemory_policy: str | None = None) -> RedisServer:
+        workdir = tmp_path / f"redis-{len(servers)}"
+        server = _new_redis_server(workdir, maxmemory=maxmemory, maxmemory_policy=maxmemory_policy)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()

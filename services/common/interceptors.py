@@ -39,6 +39,11 @@ OPEN_METHOD_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 
+# A client whose deadline expires cancels the call. The server counts the same deadline from when the
+# request headers arrived, a little later, so that cancel can land just before the deadline here
+# (measured up to ~2 ms on a loaded loopback). A cancel this close to the deadline is the deadline.
+DEADLINE_CANCEL_SLACK_S = 0.1
+
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 # (behaviour, response_streaming) -> the wrapped behaviour
 Wrap = Callable[[Behavior, bool], Behavior]
@@ -194,7 +199,7 @@ class _Call:
     def _code(self, exc: BaseException | None) -> grpc.StatusCode:
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             remaining = self.context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            expired = remaining is not None and remaining <= DEADLINE_CANCEL_SLACK_S
             return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
         code = _as_status(self.context.code())
         if code is not None:

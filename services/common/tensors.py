@@ -25,7 +25,8 @@ def tensor_to_wire(t: torch.Tensor, dtype: int | None = None) -> tuple[tensor_pb
     target = WIRE_TO_TORCH[dtype] if dtype else t.dtype
     cpu = t.detach().to(device="cpu", dtype=target).contiguous()
     header = make_header(TORCH_TO_WIRE[target], cpu.shape)
-    return header, memoryview(cpu.view(torch.uint8).numpy()).cast("B")
+    # Flat first: memoryview.cast refuses a multi-dimensional view with a zero in its shape (an empty tensor).
+    return header, memoryview(cpu.view(torch.uint8).numpy().reshape(-1)).cast("B")
 
 
 def tensor_from_wire(header: tensor_pb2.TensorHeader, data: bytes | bytearray) -> torch.Tensor:

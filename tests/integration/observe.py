@@ -46,18 +46,40 @@ def long_text() -> LongText:
     return LongText(text, len(tokenizer.encode(text, add_bos=False)))
 
 
+# Sample names a family exposes besides its own name (a counter `x` exposes `x_total`, a histogram `x_count`, ...).
+_SAMPLE_SUFFIXES = ("_total", "_created", "_count", "_sum", "_bucket", "_info")
+
+
+class MetricMissing(AssertionError):
+    """The scrape has no such metric: a renamed or removed metric must fail a test, not read as 0."""
+
+
 class Metrics:
     """One scrape of a /metrics endpoint."""
 
     def __init__(self, text: str):
         self.samples: dict[tuple[str, frozenset], float] = {}
+        self.families: set[str] = set()  # every family the service exposes, sampled yet or not
         for family in text_string_to_metric_families(text):
+            self.families.add(family.name)
             for s in family.samples:
                 self.samples[(s.name, frozenset(s.labels.items()))] = s.value
 
+    def exposes(self, name: str) -> bool:
+        return name in self.families or any(
+            name.endswith(suffix) and name[: -len(suffix)] in self.families for suffix in _SAMPLE_SUFFIXES)
+
     def get(self, name: str, **labels: str) -> float:
-        """The sample's value, or 0 when absent (a counter nothing has touched yet)."""
-        return self.samples.get((name, frozenset(labels.items())), 0.0)
+        """The sample's value. A labelled sample not seen yet is 0 (a counter whose labels nothing has
+        touched), but only for a metric the service exposes: an unknown name raises MetricMissing."""
+        value = self.samples.get((name, frozenset(labels.items())))
+        if value is not None:
+            return value
+        if labels and self.exposes(name):
+            return 0.0
+        prefix = "_".join(name.split("_")[:2])
+        known = sorted(f for f in self.families if f.startswith(prefix))
+        raise MetricMissing(f"no metric {name}{labels or ''} in the scrape; its {prefix}* metrics: {', '.join(known)}")
 
     def rpc(self, service: str, method: str, code: str) -> float:
         return self.get("ivl_grpc_requests_total", grpc_service=service, grpc_method=method, grpc_code=code)

@@ -24,12 +24,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image, PngImagePlugin
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.metrics import RpcMetrics
 from services.common.server import channel_options
 from tests.conftest import load_kit
 from tests.integration.observe import (
     SLOW_DECODER_ARGS,
+    MetricMissing,
+    Metrics,
     Observed,
     json_logs,
     long_text,
@@ -103,6 +107,23 @@ def _chat_request(text: str = "Describe the image.", image: bytes | None = None,
         request.images.add(data=image)
         request.tiling.max_tiles = 1
     return request
+
+
+# ---------------------------------------------------------------------------------------- the metric reader
+
+
+def test_metric_reader_fails_on_a_missing_metric() -> None:
+    """`== 0` checks below must not pass because a metric was renamed or never exported."""
+    registry = CollectorRegistry()
+    RpcMetrics(registry)
+    Gauge("ivl_decoder_active_sequences", "x", registry=registry).set(0)
+    scraped = Metrics(generate_latest(registry).decode())
+    assert scraped.get("ivl_decoder_active_sequences") == 0
+    assert scraped.rpc(GATEWAY, "Chat", "OK") == 0  # exported, no call with these labels yet
+    for name, labels in [("ivl_decoder_active_sequence", {}), ("ivl_decoder_kv_cache_used_blocks", {}),
+                         ("ivl_grpc_request_total", {"grpc_service": GATEWAY})]:
+        with pytest.raises(MetricMissing, match=name):
+            scraped.get(name, **labels)
 
 
 # ---------------------------------------------------------------------------------------- health, reflection

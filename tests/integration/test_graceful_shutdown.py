@@ -22,6 +22,7 @@ from tests.conftest import load_kit
 from tests.integration.observe import (
     SLOW_DECODER_ARGS,
     Observed,
+    json_logs,
     long_text,
     start_observed,
     wait_for_metrics,
@@ -61,14 +62,28 @@ def _in_background(fn) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
-def _refuses_new_calls(address: str) -> bool:
-    """A fresh connection gets no answer (the listener is closed, or the server says UNAVAILABLE)."""
-    with grpc.insecure_channel(address) as channel:
-        try:
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError as err:
-            return err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    return False
+def _wait_refusing_new_calls(address: str, timeout_s: float = 10.0) -> str:
+    """Poll fresh connections until one is refused with UNAVAILABLE (the listener is closed); the
+    outcome of the last attempt. A call that merely times out is a slow server, not a refusal."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                outcome = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as err:
+                outcome = err.code().name
+        if outcome == grpc.StatusCode.UNAVAILABLE.name or time.monotonic() > deadline:
+            return outcome
+        time.sleep(0.05)
+
+
+def _wait_for_log(svc: Observed, message_start: str, timeout_s: float = 10.0) -> None:
+    """Poll the service's JSON log until a line's message starts with `message_start`."""
+    deadline = time.monotonic() + timeout_s
+    while not any(e.get("message", "").startswith(message_start) for e in json_logs(svc.logs())):
+        assert time.monotonic() < deadline, f"{svc.process.module} never logged {message_start!r}"
+        time.sleep(0.05)
 
 
 def _decoder_request(max_new_tokens: int = 4) -> decoder_pb2.GenerateRequest:
@@ -99,9 +114,8 @@ def test_sigterm_drains_in_flight_chat_then_exits_zero(encoder: Observed, redis:
         # Both at once, as in a rolling update of everything.
         gateway.process.proc.send_signal(signal.SIGTERM)
         decoder.process.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        assert _refuses_new_calls(gateway.process.address)
-        assert _refuses_new_calls(decoder.process.address)
+        assert _wait_refusing_new_calls(gateway.process.address) == "UNAVAILABLE"
+        assert _wait_refusing_new_calls(decoder.process.address) == "UNAVAILABLE"
 
         thread.join(90)
         channel.close()
@@ -147,7 +161,7 @@ def test_a_second_sigterm_cancels_at_once() -> None:
         _admitted(decoder)
         started = time.monotonic()
         decoder.process.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        _wait_for_log(decoder, "stopping:")  # the first SIGTERM is handled: the next one hurries the stop
         decoder.process.proc.send_signal(signal.SIGTERM)  # the operator insists
         code = decoder.process.stop()
         took = time.monotonic() - started

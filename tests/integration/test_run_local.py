@@ -381,10 +381,19 @@ def test_cli_new_session_with_system_message(target: str, stack: Stack):
     assert len(session.turns) == 1
 
 
-def test_cli_sampling_flags_are_reproducible(target: str):
-    flags = ["--sample", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "50", "--repetition-penalty", "1.1",
-             "--seed", "7", "--max-new-tokens", "12", "Tell me a story."]
-    assert answer(cli(target, *flags)) == answer(cli(target, *flags))
+def test_cli_sampling_differs_from_greedy_and_reproduces_with_its_seed(target: str):
+    """--sample reaches the server: the same flags without it decode greedily, and only a draw depends on --seed.
+
+    At temperature 2 the tiny model's random logits are nearly flat, so a 12-token draw is (with
+    overwhelming odds) neither the greedy answer nor another seed's draw.
+    """
+    flags = ["--temperature", "2.0", "--top-p", "0.95", "--top-k", "0", "--repetition-penalty", "1.1",
+             "--max-new-tokens", "12", "Tell me a story."]
+    greedy = answer(cli(target, "--seed", "7", *flags))
+    drawn = {seed: answer(cli(target, "--sample", "--seed", seed, *flags)) for seed in ("7", "8")}
+    assert drawn["7"] != greedy and drawn["8"] != greedy
+    assert drawn["7"] != drawn["8"]
+    assert answer(cli(target, "--sample", "--seed", "7", *flags)) == drawn["7"]
 
 
 def test_cli_unknown_session_exits_non_zero_with_not_found(target: str):

@@ -150,7 +150,10 @@ def test_images_match_in_process_encoder_and_goldens(stub, reference) -> None:
     for group in in_groups(datas, MAX_IMAGES):  # the kit may have more images than one request carries
         items += encode(stub, image_request(*group))
         assert [it.header.index for it in items[-len(group):]] == list(range(len(group)))
-    goldens = {v["image"]: v for v in KIT.manifest["vision_features"]}
+    goldens = {v["image"]: v for v in KIT.manifest.get("vision_features", [])}
+    assert goldens.keys() <= {img["id"] for img in IMAGES}, "vision_features goldens for images not in the kit"
+    # The upstream comparison runs on the images the kit has goldens for; a kit with none checks nothing.
+    assert goldens, f"the parity kit {KIT.root} has no vision_features goldens: nothing to compare with upstream"
     tol = KIT.tolerances["vision_features_fp32"]
     for image, data, item in zip(IMAGES, datas, items, strict=True):
         n = image["num_tiles"]
@@ -161,7 +164,6 @@ def test_images_match_in_process_encoder_and_goldens(stub, reference) -> None:
         if image["id"] in goldens:
             golden = torch.from_numpy(KIT.npy(goldens[image["id"]]["file"]))
             torch.testing.assert_close(item.features, golden, atol=tol["atol"], rtol=tol["rtol"])
-    assert goldens.keys() <= {img["id"] for img in IMAGES}
 
 
 def test_large_image_arrives_in_several_chunks(stub) -> None:

@@ -163,3 +163,53 @@ def test_over_allocation_and_double_free_are_errors() -> None:
     a.block_table = table  # a stale table handed back twice
     with pytest.raises(RuntimeError, match="freed twice"):
         bm.free(a)
+
+
+def test_errors_say_what_went_wrong() -> None:
+    for sizes in [(0, BS), (4, 0)]:
+        with pytest.raises(ValueError, match=r"^num_blocks and block_size must be >= 1$"):
+            BlockManager(*sizes)
+    assert BlockManager(1, 1).num_free_blocks == 1  # the smallest valid manager
+    bm = BlockManager(2, BS)
+    a = seq(list(range(4)))
+    bm.allocate(a)
+    with pytest.raises(RuntimeError, match="already holds blocks"):
+        bm.allocate(a)
+    with pytest.raises(RuntimeError, match="not enough free blocks"):
+        bm.allocate(seq(list(range(12)), arrival=1))
+    for _ in range(8):
+        a.append_token(1)  # 12 tokens: two more blocks, one free
+    with pytest.raises(RuntimeError, match="not enough free blocks"):
+        bm.append_slots(a)
+
+
+def test_can_append_exactly_when_the_free_blocks_suffice() -> None:
+    bm = BlockManager(3, BS)
+    a = seq(list(range(BS)))
+    bm.allocate(a)  # one block held, two free
+    for _ in range(2 * BS):
+        a.append_token(1)
+    assert bm.can_append(a)  # needs exactly the two free blocks
+    a.append_token(1)
+    assert not bm.can_append(a)
+
+
+def test_check_invariants_names_what_disagrees() -> None:
+    bm = BlockManager(12, BS)
+    a = _allocated_and_computed(bm, seq(list(range(12))))
+    bm.check_invariants([a])
+    with pytest.raises(AssertionError, match=r"^reference counts disagree with block tables at blocks \[0, 1, 2\]$"):
+        bm.check_invariants([])
+    held = list(bm.ref_counts)
+    bm.ref_counts = [n + 1 for n in held]  # every block off by one: the message lists the first ten
+    with pytest.raises(AssertionError, match=r"at blocks \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]$"):
+        bm.check_invariants([a])
+    bm.ref_counts = held
+    spare = next(iter(bm._free))
+    del bm._free[spare]
+    with pytest.raises(AssertionError, match="^free list disagrees with reference counts$"):
+        bm.check_invariants([a])
+    bm._free[spare] = None
+    bm.hash_to_block[b"other content"] = a.block_table[0]
+    with pytest.raises(AssertionError, match=f"^hash index points at block {a.block_table[0]} holding other content$"):
+        bm.check_invariants([a])

@@ -137,6 +137,12 @@ def test_a_lone_sequence_that_outgrows_memory_preempts_itself() -> None:
     out = fake_step(sched)
     assert out.preempted == [a] and out.scheduled == []
     assert sched.block_manager.num_free_blocks == 2
+    sched.finish(a, "length")  # the engine ends it: it can never fit
+    b = seq(8, first=20)
+    sched.add(b)
+    fake_step(sched)
+    assert fake_step(sched).preempted == [b]
+    assert sched.num_preemptions == 2  # every preemption is counted
 
 
 def test_finish_frees_blocks_wherever_the_sequence_is() -> None:
@@ -167,3 +173,62 @@ def test_watermark_holds_back_admission_only_while_others_run() -> None:
     sched.add(b)
     fake_step(sched)
     assert b.status is SequenceStatus.WAITING
+
+
+def test_full_queue_message_names_the_limit() -> None:
+    sched = make(max_queue_size=1)
+    sched.add(seq(4))
+    with pytest.raises(QueueFull, match=r"^the decoder queue is full \(1 requests waiting\)$"):
+        sched.add(seq(4))
+
+
+def test_has_unfinished_while_anything_waits_or_runs() -> None:
+    sched = make()
+    assert not sched.has_unfinished()
+    a = seq(4)
+    sched.add(a)
+    assert sched.has_unfinished()  # waiting only
+    fake_step(sched)
+    assert sched.running == [a] and not sched.waiting and sched.has_unfinished()  # running only
+    sched.finish(a, "stop")
+    assert a.status is SequenceStatus.FINISHED and a.finish_reason == "stop"
+    assert not sched.has_unfinished()
+
+
+def test_admissions_share_one_token_budget() -> None:
+    sched = make(max_num_batched_tokens=16)
+    a, b, c = seq(6), seq(6, 1), seq(6, 2)
+    for s in (a, b, c):
+        sched.add(s)
+    out = fake_step(sched)
+    assert counts(out) == {a.request_id: 6, b.request_id: 6, c.request_id: 4}  # c's prompt is chunked
+    assert out.num_tokens == 16
+
+
+def test_a_two_token_prefill_remainder_is_scheduled() -> None:
+    sched = make(max_num_batched_tokens=16)
+    a = seq(18)
+    sched.add(a)
+    assert counts(fake_step(sched)) == {a.request_id: 16}
+    assert counts(fake_step(sched)) == {a.request_id: 2}
+
+
+def test_watermark_holds_blocks_back_only_while_something_runs() -> None:
+    sched = make(num_blocks=6, watermark_blocks=2)
+    a = seq(8)  # 2 blocks
+    sched.add(a)
+    fake_step(sched)
+    b = seq(9, 1)  # 3 blocks: 4 are free, but 2 of them are the running decode's reserve
+    sched.add(b)
+    out = fake_step(sched)
+    assert counts(out) == {a.request_id: 1} and sched.waiting[0] is b
+    sched.finish(a, "stop")
+    assert counts(fake_step(sched)) == {b.request_id: 9}  # nothing runs: no reserve
+
+
+def test_the_last_token_of_the_budget_still_admits_a_chunk() -> None:
+    sched = make(max_num_batched_tokens=16)
+    a, b = seq(15), seq(5, 1)
+    sched.add(a)
+    sched.add(b)
+    assert counts(fake_step(sched)) == {a.request_id: 15, b.request_id: 1}

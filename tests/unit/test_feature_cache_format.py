@@ -81,6 +81,32 @@ def test_video_frame_keys():
         video_frame_key(video, **{**VIDEO, "frame_index": 8})
 
 
+def test_key_format_is_pinned():
+    """Replicas of different versions share Redis: a change of key derivation (field names, JSON form)
+    silently splits their caches, so it must be deliberate and bump KEY_PREFIX along with these values."""
+    fingerprint = "0123456789abcdef"
+    image = feature_key_for_hash("ab" * 32, max_tiles=12, min_tiles=1, use_thumbnail=True, image_size=448,
+                                 model_fingerprint=fingerprint)
+    frame = video_frame_key_for_hash("cd" * 32, frame_index=2, num_segments=8, start_seconds=0.5, end_seconds=None,
+                                     max_tiles=1, min_tiles=1, use_thumbnail=False, image_size=448,
+                                     model_fingerprint=fingerprint)
+    assert image == "ivl:feat:v1:2755a07e895a995a0a4c9c7cfa4924a257b350801d2fb9677958e13862d22339"
+    assert frame == "ivl:feat:v1:738109c1edacb02f3a84b8e15401321bad56e1dc25f3e3b875ae5b47c0ed0eb1"
+
+
+def test_key_argument_errors_name_the_argument():
+    with pytest.raises(ValueError, match="^image_hash must be a sha256 hex digest, got 'xyz'$"):
+        feature_key_for_hash("xyz", **SETTINGS)
+    with pytest.raises(ValueError, match="^video_hash must be a sha256 hex digest"):
+        video_frame_key_for_hash("xyz", **VIDEO)
+    with pytest.raises(ValueError, match=r"^need 0 <= frame_index < num_segments, got 8 of 8$"):
+        video_frame_key_for_hash(file_sha256(b"v"), **{**VIDEO, "frame_index": 8})
+    with pytest.raises(ValueError):  # NaN is no JSON: it would give a key nothing else can match
+        video_frame_key_for_hash(file_sha256(b"v"), **{**VIDEO, "start_seconds": float("nan")})
+    # One segment is a valid sampling (its frame 0).
+    assert video_frame_key_for_hash(file_sha256(b"v"), **{**VIDEO, "num_segments": 1})
+
+
 def test_key_is_stable_across_processes():
     # Replicas must agree on keys: nothing process-specific (e.g. hash randomization) may leak in.
     code = ("from gateway.feature_cache import feature_key; "

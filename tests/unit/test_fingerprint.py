@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from services.common.fingerprint import FingerprintError, model_fingerprint
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_checkpoint(root: Path, *, hidden: int = 8, seed: int = 0) -> Path:
@@ -21,11 +26,19 @@ def make_checkpoint(root: Path, *, hidden: int = 8, seed: int = 0) -> Path:
     return root
 
 
-def test_same_directory_gives_the_same_short_hex_id(tmp_path: Path) -> None:
-    root = make_checkpoint(tmp_path / "a")
-    first = model_fingerprint(root, "bf16")
-    assert first == model_fingerprint(str(root), "bf16")
-    assert len(first) == 16 and int(first, 16) >= 0
+def fingerprint_in_a_fresh_interpreter(model_dir: Path, dtype: str) -> str:
+    """The id as another process computes it: nothing (hash seeds, caches) shared with this one."""
+    code = "import sys; from services.common.fingerprint import model_fingerprint as f; print(f(*sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, str(model_dir), dtype], cwd=REPO, capture_output=True,
+                          text=True, check=True, timeout=60)
+    return done.stdout.strip()
+
+
+def test_the_same_checkpoint_written_twice_gives_the_same_short_hex_id(tmp_path: Path) -> None:
+    # Two directories written independently with the same contents; one id computed in another process.
+    first = model_fingerprint(make_checkpoint(tmp_path / "a"), "bf16")
+    assert re.fullmatch(r"[0-9a-f]{16}", first)
+    assert fingerprint_in_a_fresh_interpreter(make_checkpoint(tmp_path / "b"), "bf16") == first
 
 
 def test_copy_elsewhere_gives_the_same_id(tmp_path: Path) -> None:
@@ -62,8 +75,15 @@ def test_added_shard_changes_the_id(tmp_path: Path) -> None:
     assert model_fingerprint(root, "bf16") != before
 
 
-def test_kit_checkpoint_is_fingerprinted(kit) -> None:
-    assert model_fingerprint(kit.root, "fp32") == model_fingerprint(kit.root, "fp32")
+def test_kit_checkpoint_is_fingerprinted_by_its_config_and_weights_only(kit, tmp_path: Path) -> None:
+    fp32 = model_fingerprint(kit.root, "fp32")
+    assert re.fullmatch(r"[0-9a-f]{16}", fp32) and model_fingerprint(kit.root, "bf16") != fp32
+    # A copy of just config.json and the safetensors (no tokenizer, no goldens), fingerprinted elsewhere.
+    copy = tmp_path / "kit"
+    copy.mkdir()
+    for path in [kit.root / "config.json", *kit.root.glob("*.safetensors")]:
+        shutil.copy2(path, copy / path.name)
+    assert fingerprint_in_a_fresh_interpreter(copy, "fp32") == fp32
 
 
 def test_not_a_checkpoint_is_an_error(tmp_path: Path) -> None:

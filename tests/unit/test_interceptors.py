@@ -10,7 +10,8 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -20,6 +21,7 @@ from services.common.interceptors import REQUEST_ID_KEY, ApiKeyInterceptor, spli
 from services.common.logging import configure_logging
 from services.common.security import ApiKeys
 from services.common.server import GrpcServer, ServerConfig, Service
+from tests.compare_digest_spy import spy_on_compare_digest
 
 SERVICE = "test.Echo"
 KEY = "k-3f9c2a71d4e8b6"
@@ -92,6 +94,10 @@ class Echo:
     def unary(self, name: str):
         return self.channel.unary_unary(f"/{SERVICE}/{name}")
 
+    def in_flight(self, method: str) -> float | None:
+        return self.server.metrics.registry.get_sample_value(
+            "ivl_grpc_requests_in_flight", {"grpc_service": SERVICE, "grpc_method": method})
+
     def count(self, method: str, code: str) -> float:
         value = self.server.metrics.registry.get_sample_value(
             "ivl_grpc_requests_total", {"grpc_service": SERVICE, "grpc_method": method, "grpc_code": code})
@@ -115,6 +121,14 @@ def captured_logs() -> Iterator[io.StringIO]:
 
 def _lines(buf: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
+
+
+async def _eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait (yielding to the server in this loop) until `condition()` holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout_s}s"
+        await asyncio.sleep(0.01)
 
 
 def test_split_method() -> None:
@@ -176,8 +190,9 @@ def test_metrics_count_every_kind_of_call_by_code() -> None:
                 await echo.unary("Crash")(b"")
             with pytest.raises(grpc.aio.AioRpcError) as late:
                 await echo.unary("Slow")(b"", timeout=0.2)
+            await _eventually(lambda: echo.in_flight("Slow") == 0)  # the expired call is recorded
             slow = echo.unary("Slow")(b"")
-            await asyncio.sleep(0.2)
+            await _eventually(lambda: echo.in_flight("Slow") == 1)  # the server is handling it
             slow.cancel()
             assert [m async for m in echo.channel.unary_stream(f"/{SERVICE}/Stream")(b"")]
 
@@ -186,7 +201,8 @@ def test_metrics_count_every_kind_of_call_by_code() -> None:
                     yield b"x"
 
             assert await echo.channel.stream_unary(f"/{SERVICE}/StreamIn")(three()) == b"3"
-            await asyncio.sleep(0.3)  # let the server finish recording the cancelled calls
+            # The server records a cancelled call once its handler has unwound, after the client moved on.
+            await _eventually(lambda: echo.in_flight("Slow") == 0)
             reg = echo.server.metrics.registry
             counts = {
                 "ok": echo.count("Unary", "OK"),
@@ -312,6 +328,22 @@ def test_any_configured_key_is_accepted_and_never_logged(captured_logs) -> None:
     assert a and b and len(c) == 3
     text = captured_logs.getvalue()
     assert KEY not in text and "second-key" not in text
+
+
+def test_keys_are_checked_in_constant_time_against_every_configured_key(monkeypatch) -> None:
+    spy = spy_on_compare_digest(monkeypatch)
+
+    async def main():
+        async with Echo(keys=(KEY, "second-key", "third-key")) as echo:
+            accepted = await echo.unary("Unary")(b"", metadata=_auth("second-key"))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await echo.unary("Unary")(b"", metadata=_auth("wrong-key"))
+            return accepted, refused.value.code()
+
+    accepted, refused = asyncio.run(main())
+    assert accepted and refused == grpc.StatusCode.UNAUTHENTICATED
+    configured = [k.encode() for k in (KEY, "second-key", "third-key")]
+    assert spy.pairs == [(b"second-key", k) for k in configured] + [(b"wrong-key", k) for k in configured]
 
 
 def test_health_and_reflection_need_no_key() -> None:

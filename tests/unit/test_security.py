@@ -20,6 +20,7 @@ from services.common.security import (
     redact_url,
 )
 from services.common.server import GrpcServer, ServerConfig
+from tests.compare_digest_spy import CompareDigestSpy, spy_on_compare_digest
 from tests.tls_certs import Pki, make_pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,15 +54,48 @@ def test_api_keys_check_every_key_and_hide_them() -> None:
         ApiKeys([])
 
 
-def test_checks_use_constant_time_comparison() -> None:
-    source = (REPO / "services/common/security.py").read_text()
-    assert "hmac.compare_digest" in source
+@pytest.fixture
+def compare_digest_spy(monkeypatch: pytest.MonkeyPatch) -> CompareDigestSpy:
+    return spy_on_compare_digest(monkeypatch)
+
+
+@pytest.mark.parametrize("presented", ["alpha-1", "gamma-3", "wrong", ""])
+def test_every_key_goes_through_the_constant_time_comparison(compare_digest_spy, presented: str) -> None:
+    """Matching or not, the presented key is compared with each configured key, and only in constant time."""
+    keys = ApiKeys(["alpha-1", "beta-2", "gamma-3"])
+    assert keys.check(presented) is (presented in ("alpha-1", "gamma-3"))
+    assert compare_digest_spy.pairs == [(presented.encode(), k) for k in (b"alpha-1", b"beta-2", b"gamma-3")]
+
+
+def test_key_file_comments_may_be_indented_and_defaults_read_nothing(tmp_path: Path) -> None:
+    f = tmp_path / "keys"
+    f.write_text("   # indented comment\nkey-a\n")
+    assert load_api_keys(str(f)) == ("key-a",)
+    assert load_api_keys() == ()
+    assert load_api_keys(keys_env="key-b") == ("key-b",)
+
+
+def test_key_errors_say_what_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(SecurityConfigError, match="^API keys must be printable and contain no whitespace$"):
+        load_api_keys("", "tab\tkey")
+    with pytest.raises(SecurityConfigError, match="^no API keys configured$"):
+        ApiKeys([])
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(SecurityConfigError, match=f"^--api-keys-file {str(empty)!r} is empty$"):
+        load_api_keys(str(empty))
+    with pytest.raises(SecurityConfigError, match="^cannot read --api-keys-file .*: No such file or directory$"):
+        load_api_keys(str(tmp_path / "missing"))
 
 
 def test_redact_url() -> None:
     assert redact_url("rediss://user:s3cret@cache.internal:6380/0") == "rediss://user:***@cache.internal:6380/0"
     assert redact_url("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("rediss://user:s3cret@cache.internal/0") == "rediss://user:***@cache.internal/0"  # no port
+    assert redact_url("redis://:s3cret@[::1]:6379/0") == "redis://:***@[::1]:6379/0"  # IPv6 keeps its brackets
+    assert redact_url("redis://user:s3cret@/0") == "redis://user:***@/0"  # no host
+    assert redact_url("redis://user:s3cret@[::1/0") == "<unparseable url>"
 
 
 def test_nothing_is_unpickled() -> None:
@@ -79,19 +113,34 @@ def test_nothing_is_unpickled() -> None:
 
 def test_tls_flags_must_be_complete() -> None:
     assert ServerTls.from_flags("", "", "") is None
-    assert ServerTls.from_flags("c", "k", "").mutual is False
-    assert ServerTls.from_flags("c", "k", "ca").mutual is True
+    assert ServerTls.from_flags("c", "k", "") == ServerTls("c", "k", "") and not ServerTls("c", "k", "").mutual
+    assert ServerTls.from_flags("c", "k", "ca") == ServerTls("c", "k", "ca") and ServerTls("c", "k", "ca").mutual
     for bad in [("c", "", ""), ("", "k", ""), ("", "", "ca")]:
-        with pytest.raises(SecurityConfigError):
+        with pytest.raises(SecurityConfigError, match=r"^--tls-cert and --tls-key go together \(and --tls-ca"):
             ServerTls.from_flags(*bad)
     assert ClientTls.from_flags("", "", "") is None
-    with pytest.raises(SecurityConfigError):
-        ClientTls.from_flags("ca", "cert", "")
+    assert ClientTls.from_flags("ca", "", "") == ClientTls("ca", "", "", "--peer-tls")
+    assert ClientTls.from_flags("", "cert", "key", "--x") == ClientTls("", "cert", "key", "--x")
+    for bad in [("ca", "cert", ""), ("", "cert", ""), ("", "", "key")]:
+        with pytest.raises(SecurityConfigError, match="^--peer-tls-cert and --peer-tls-key go together$"):
+            ClientTls.from_flags(*bad)
 
 
-def test_unreadable_certificate_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(SecurityConfigError, match="cannot read --tls-(cert|key)"):
-        ServerTls(str(tmp_path / "none.crt"), str(tmp_path / "none.key")).credentials()
+def test_unreadable_certificate_is_a_clear_error(tmp_path: Path, pki: Pki) -> None:
+    missing = str(tmp_path / "none.pem")
+    cert, key, ca = str(pki.server.cert), str(pki.server.key), str(pki.ca.cert)
+    for tls, flag in [(ServerTls(missing, key), "--tls-cert"), (ServerTls(cert, missing), "--tls-key"),
+                      (ServerTls(cert, key, missing), "--tls-ca"),
+                      (ClientTls(missing), "--peer-tls-ca"), (ClientTls(ca, missing, key), "--peer-tls-cert"),
+                      (ClientTls(ca, cert, missing), "--peer-tls-key"),
+                      (ClientTls(missing, flag_prefix="--redis-tls"), "--redis-tls-ca")]:
+        with pytest.raises(SecurityConfigError, match=f"^cannot read {flag} "):
+            tls.credentials()
+
+
+def test_client_tls_reads_only_the_files_it_names(pki: Pki) -> None:
+    assert ClientTls(str(pki.ca.cert)).credentials() is not None  # no client certificate: none read
+    assert ClientTls(cert=str(pki.client.cert), key=str(pki.client.key)).credentials() is not None  # system roots
 
 
 # ---------------------------------------------------------------------------------------- TLS on the wire

@@ -1,4 +1,11 @@
-"""FeatureCache against a real redis-server: TTLs, single-flight, corruption and Redis failures."""
+"""Unit tier: FeatureCache's own logic against a real redis-server: TTLs, single-flight, corruption and
+Redis failures.
+
+The encoder is not involved: `get_or_compute` takes any `compute()`, and a scripted one here counts its
+calls and, when gated, waits until the test releases it, so concurrency is arranged by events rather
+than by timing. The real gateway and encoder processes sharing the cache are tested in
+tests/integration/test_gateway_cache.py (encoder calls counted through their metrics).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -48,19 +56,42 @@ async def open_cache(url: str, config: FeatureCacheConfig = FAST) -> AsyncIterat
         await client.aclose()
 
 
-class CountingCompute:
-    """An async compute() that counts its calls and can be slow or fail."""
+class ScriptedCompute:
+    """A compute() that counts its calls, answers `entry` or raises `error`, and with `gated=True`
+    holds every call until `release()` (create it inside the test's event loop)."""
 
-    def __init__(self, entry: Entry | None = None, delay_s: float = 0.0, error: Exception | None = None):
+    def __init__(self, entry: Entry | None = None, error: Exception | None = None, gated: bool = False):
         self.entry = entry or make_entry()
-        self.delay_s, self.error, self.calls = delay_s, error, 0
+        self.error, self.calls = error, 0
+        self._gate = asyncio.Event()
+        if not gated:
+            self._gate.set()
+
+    def release(self) -> None:
+        self._gate.set()
 
     async def __call__(self) -> Entry:
         self.calls += 1
-        await asyncio.sleep(self.delay_s)
+        await self._gate.wait()
         if self.error is not None:
             raise self.error
         return self.entry
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll `condition()` (letting the other tasks run) until it holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout_s}s"
+        await asyncio.sleep(0.005)
+
+
+async def expired(cache: FeatureCache, key: str, timeout_s: float = 10.0) -> None:
+    """Poll Redis (not the cache, so its stats stay as they are) until `key` is gone."""
+    deadline = time.monotonic() + timeout_s
+    while await cache._redis.exists(key):
+        assert time.monotonic() < deadline, f"{key} still in Redis after {timeout_s}s"
+        await asyncio.sleep(0.02)
 
 
 def test_put_get_and_ttl(redis_url):
@@ -72,8 +103,8 @@ def test_put_get_and_ttl(redis_url):
             got = await cache.get(key)
             assert got == entry and bytes(got.payload) == bytes(entry.payload)
             assert 0 < await cache._redis.pttl(key) <= 300
-            await asyncio.sleep(0.45)
-            assert await cache.get(key) is None  # expired
+            await expired(cache, key)
+            assert await cache.get(key) is None
             assert await cache.put(key, entry)  # default TTL from the config
             assert 3_590_000 < await cache._redis.pttl(key) <= 3_600_000
             s = cache.stats
@@ -91,7 +122,7 @@ def test_real_size_entry_round_trips(redis_url):
             key, entry = new_key(), make_entry(tiles=13, tokens=256, hidden=4096)
             assert entry.nbytes == 26 << 20
             assert await cache.put(key, entry)
-            got, hit = await cache.get_or_compute(key, CountingCompute())
+            got, hit = await cache.get_or_compute(key, ScriptedCompute())
             assert hit and got.shape == (13, 256, 4096) and bytes(got.payload) == bytes(entry.payload)
 
     run(scenario())
@@ -100,8 +131,11 @@ def test_real_size_entry_round_trips(redis_url):
 def test_single_flight_20_concurrent_callers_share_one_compute(redis_url):
     async def scenario():
         async with open_cache(redis_url) as cache:
-            key, compute = new_key(), CountingCompute(delay_s=0.1)
-            results = await asyncio.gather(*(cache.get_or_compute(key, compute) for _ in range(20)))
+            key, compute = new_key(), ScriptedCompute(gated=True)
+            callers = asyncio.gather(*(cache.get_or_compute(key, compute) for _ in range(20)))
+            await until(lambda: compute.calls == 1 and cache.stats.coalesced == 19)  # all 20 are in
+            compute.release()
+            results = await callers
             assert compute.calls == 1
             assert {bytes(e.payload) for e, _ in results} == {bytes(compute.entry.payload)}
             assert all(not hit for _, hit in results)
@@ -117,14 +151,16 @@ def test_single_flight_errors_reach_every_waiter_and_clear_the_slot(redis_url):
     async def scenario():
         async with open_cache(redis_url) as cache:
             key = new_key()
-            failing = CountingCompute(delay_s=0.05, error=RuntimeError("encoder down"))
-            results = await asyncio.gather(*(cache.get_or_compute(key, failing) for _ in range(5)),
-                                           return_exceptions=True)
+            failing = ScriptedCompute(error=RuntimeError("encoder down"), gated=True)
+            callers = asyncio.gather(*(cache.get_or_compute(key, failing) for _ in range(5)), return_exceptions=True)
+            await until(lambda: failing.calls == 1 and cache.stats.coalesced == 4)
+            failing.release()
+            results = await callers
             assert failing.calls == 1
             assert all(isinstance(r, RuntimeError) and str(r) == "encoder down" for r in results)
             assert not cache._inflight
             assert await cache._redis.get(key + LOCK_SUFFIX) is None  # the lock was released
-            ok = CountingCompute()
+            ok = ScriptedCompute()
             entry, hit = await cache.get_or_compute(key, ok)  # a later call tries again
             assert ok.calls == 1 and not hit and entry == ok.entry
 
@@ -134,11 +170,14 @@ def test_single_flight_errors_reach_every_waiter_and_clear_the_slot(redis_url):
 def test_one_caller_cancelling_does_not_cancel_the_others(redis_url):
     async def scenario():
         async with open_cache(redis_url) as cache:
-            key, compute = new_key(), CountingCompute(delay_s=0.2)
+            key, compute = new_key(), ScriptedCompute(gated=True)
             quitter = asyncio.ensure_future(cache.get_or_compute(key, compute))
             stayer = asyncio.ensure_future(cache.get_or_compute(key, compute))
-            await asyncio.sleep(0.05)
+            await until(lambda: compute.calls == 1 and cache.stats.coalesced == 1)  # both wait on one compute
             quitter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await quitter
+            compute.release()
             entry, _ = await stayer
             assert quitter.cancelled() and entry == compute.entry and compute.calls == 1
             assert await cache.get(key) == compute.entry  # the shared work still filled the cache
@@ -149,9 +188,12 @@ def test_one_caller_cancelling_does_not_cancel_the_others(redis_url):
 def test_single_flight_across_replicas(redis_url):
     async def scenario():
         async with open_cache(redis_url) as a, open_cache(redis_url) as b:
-            key, compute = new_key(), CountingCompute(delay_s=0.2)
-            calls = [cache.get_or_compute(key, compute) for cache in (a, b) for _ in range(10)]
-            results = await asyncio.gather(*calls)
+            key, compute = new_key(), ScriptedCompute(gated=True)
+            callers = asyncio.gather(*(cache.get_or_compute(key, compute) for cache in (a, b) for _ in range(10)))
+            # One replica computes under the Redis lock; the other polls it until the value appears.
+            await until(lambda: compute.calls == 1 and a.stats.lock_waits + b.stats.lock_waits == 1)
+            compute.release()
+            results = await callers
             assert compute.calls == 1
             assert {bytes(e.payload) for e, _ in results} == {bytes(compute.entry.payload)}
             assert a.stats.lock_waits + b.stats.lock_waits == 1  # the replica that lost the lock waited
@@ -162,18 +204,22 @@ def test_single_flight_across_replicas(redis_url):
 
 def test_waiting_replica_computes_when_the_holder_gives_up(redis_url):
     async def scenario():
-        async with open_cache(redis_url) as a, open_cache(redis_url) as b:
+        patient = replace(FAST, lock_wait_s=60.0)  # far beyond the test: b must notice the release
+        async with open_cache(redis_url, patient) as a, open_cache(redis_url, patient) as b:
             key = new_key()
-            failing = CountingCompute(delay_s=0.1, error=RuntimeError("boom"))
-            ok = CountingCompute()
+            failing = ScriptedCompute(error=RuntimeError("boom"), gated=True)
+            ok = ScriptedCompute()
             first = asyncio.ensure_future(a.get_or_compute(key, failing))
-            await asyncio.sleep(0.03)  # a holds the lock
-            start = time.monotonic()
-            entry, hit = await b.get_or_compute(key, ok)
+            await until(lambda: failing.calls == 1)  # a holds the lock and computes
+            second = asyncio.ensure_future(b.get_or_compute(key, ok))
+            await until(lambda: b.stats.lock_waits == 1)  # b waits on a's lock
+            released = time.monotonic()
+            failing.release()
             with pytest.raises(RuntimeError):
                 await first
+            entry, hit = await second
             assert not hit and entry == ok.entry and ok.calls == 1
-            assert time.monotonic() - start < 1.0  # noticed the released lock, not the wait bound
+            assert time.monotonic() - released < 10.0  # noticed the released lock, not the 60 s wait bound
 
     run(scenario())
 
@@ -182,7 +228,7 @@ def test_waiting_on_a_stuck_replica_is_bounded(redis_url):
     async def scenario():
         config = FeatureCacheConfig(op_timeout_s=0.5, lock_wait_s=0.2, lock_poll_s=0.01)
         async with open_cache(redis_url, config) as cache:
-            key, compute = new_key(), CountingCompute()
+            key, compute = new_key(), ScriptedCompute()
             await cache._redis.set(key + LOCK_SUFFIX, b"someone-else", px=10_000)  # never released
             start = time.monotonic()
             entry, hit = await cache.get_or_compute(key, compute)
@@ -197,7 +243,7 @@ def test_waiting_on_a_stuck_replica_is_bounded(redis_url):
 def test_corrupted_entry_is_dropped_and_recomputed(redis_url, damage):
     async def scenario():
         async with open_cache(redis_url) as cache:
-            key, compute = new_key(), CountingCompute()
+            key, compute = new_key(), ScriptedCompute()
             raw = bytearray(encode_entry(make_entry()))
             if damage == "flip_payload_byte":
                 raw[-5] ^= 0xFF
@@ -216,21 +262,20 @@ def test_corrupted_entry_is_dropped_and_recomputed(redis_url, damage):
 
 def test_redis_killed_requests_are_served_by_computing(redis_server):
     async def scenario():
-        async with open_cache(redis_server.url) as cache:
+        # retry_after_s 0: every lookup tries Redis again rather than bypassing it for a while.
+        async with open_cache(redis_server.url, replace(FAST, retry_after_s=0.0)) as cache:
             cached_key = new_key()
             assert await cache.put(cached_key, make_entry())
             redis_server.stop()
-            compute = CountingCompute()
+            compute = ScriptedCompute()
             for _ in range(3):
                 entry, hit = await cache.get_or_compute(new_key(), compute)
                 assert entry == compute.entry and not hit
-                await asyncio.sleep(0.06)  # past retry_after_s: each lookup tries Redis again
-            assert compute.calls == 3 and cache.stats.errors >= 3
+            assert compute.calls == 3 and cache.stats.errors >= 3 and cache.stats.bypassed == 0
             assert await cache.get(cached_key) is None  # a plain get degrades to a miss too
             assert not await cache.put(new_key(), make_entry())
 
             redis_server.restart()  # same port, empty
-            await asyncio.sleep(0.06)
             key = new_key()
             assert await cache.put(key, compute.entry)
             assert (await cache.get_or_compute(key, compute))[1]  # the cache works again
@@ -245,7 +290,7 @@ def test_hanging_redis_costs_at_most_the_op_timeout(redis_server):
             redis_server.pause()
             try:
                 start = time.monotonic()
-                entry, hit = await cache.get_or_compute(new_key(), CountingCompute())
+                entry, hit = await cache.get_or_compute(new_key(), ScriptedCompute())
                 elapsed = time.monotonic() - start
             finally:
                 redis_server.resume()
@@ -271,7 +316,7 @@ def test_full_redis_noeviction_put_fails_gracefully(start_redis: Callable[..., A
                 pytest.fail("Redis with maxmemory 2mb never refused a write")
             assert stored, "the first entry should have fit"
             assert cache.stats.errors == 1
-            compute = CountingCompute()
+            compute = ScriptedCompute()
             entry, hit = await cache.get_or_compute(new_key(), compute)  # lock + SET refused: still served
             assert not hit and entry == compute.entry and compute.calls == 1
             key, entry = stored[0]
@@ -284,7 +329,7 @@ def test_entries_over_max_bytes_are_not_cached(redis_url):
     async def scenario():
         config = FeatureCacheConfig(max_entry_bytes=1024)
         async with open_cache(redis_url, config) as cache:
-            key, compute = new_key(), CountingCompute(make_entry(tiles=1, tokens=16, hidden=64))  # 2 KiB
+            key, compute = new_key(), ScriptedCompute(make_entry(tiles=1, tokens=16, hidden=64))  # 2 KiB
             entry, hit = await cache.get_or_compute(key, compute)
             assert entry == compute.entry and not hit
             assert cache.stats.oversize == 1 and cache.stats.errors == 0
