@@ -45,11 +45,11 @@ class Group:
 GROUPS = {
     "tiling": Group(("services/vision_encoder/preprocess.py",), ("tests/unit/test_tiling.py",)),
     "template": Group(("services/language_decoder/prompt.py",), ("tests/unit/test_template.py",)),
-    # The warpers only: generate()'s loop and the engine's sample_next need a model per test run
-    # (minutes per mutant here); the engine and parity tests cover them.
+    # The warpers (sampling.py) and the engine's batched sampler; generate()'s loop needs a model per
+    # test run (minutes per mutant here): the engine and parity tests cover it.
     "sampler": Group(
-        ("services/language_decoder/generate.py",),
-        ("tests/unit/test_sampling_boundaries.py",
+        ("services/language_decoder/sampling.py", "services/language_decoder/engine/sampler.py"),
+        ("tests/unit/test_sampling_boundaries.py", "tests/unit/test_engine_sampler.py",
          "tests/unit/test_internlm2.py::test_repetition_penalty_hf_rule",
          "tests/unit/test_internlm2.py::test_temperature_and_top_k",
          "tests/unit/test_internlm2.py::test_top_p_keeps_smallest_set_reaching_mass",

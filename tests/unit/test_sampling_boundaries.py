@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from services.language_decoder.generate import process_logits, sample
+from services.language_decoder.sampling import process_logits, sample
 
 
 def kept(probs: list[float], **warpers) -> list[int]:
