@@ -28,6 +28,7 @@ from openai import OpenAI
 from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc, vision_pb2
 from services.common.server import channel_options
 from tests.conftest import Kit, load_kit
+from tests.integration.hardening import LONG_GENERATION, LONG_GENERATION_GATEWAY_ARGS, LONG_GENERATION_TOKENS
 from tests.integration.observe import scrape, wait_for_metrics
 from tests.integration.procs import ServiceProcess, free_port
 from tests.integration.stack import model_args
@@ -87,7 +88,8 @@ def stack(tmp_path_factory) -> Iterator[HttpStack]:
         gateway = ServiceProcess("gateway", [
             "--encoder", encoder.address, "--decoder", decoder.address, "--redis-url", redis.url,
             "--api-keys-file", str(keys), "--http-port", str(http_port),
-            "--allowed-media-domains", "localhost", "--allow-private-media-addresses"]).start()
+            "--allowed-media-domains", "localhost", "--allow-private-media-addresses",
+            *LONG_GENERATION_GATEWAY_ARGS]).start()  # a generation long enough to disconnect from mid-way
         started.append(gateway)
         wait_http_ready(http_port)
     except BaseException:
@@ -409,7 +411,9 @@ def test_429_with_retry_after_when_the_decoder_queue_is_full(stack):
     def one(_):
         start.wait()
         try:
-            hi(stack, client={}, max_tokens=1000)
+            # Long enough to hold the slot (greedy "Hi" ends after a few tokens): see LONG_GENERATION.
+            hi(stack, client={}, max_tokens=LONG_GENERATION_TOKENS, temperature=LONG_GENERATION["temperature"],
+               seed=LONG_GENERATION["seed"])
             return None
         except openai.RateLimitError as exc:
             return exc
@@ -417,7 +421,7 @@ def test_429_with_retry_after_when_the_decoder_queue_is_full(stack):
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(one, range(8)))
     refused = [e for e in outcomes if e is not None]
-    assert refused, "one slot and two queue places: some of 8 concurrent requests must be refused"
+    assert refused, "one slot and two queue places: some of 8 concurrent long requests must be refused"
     for exc in refused:
         assert exc.status_code == 429 and int(exc.response.headers["retry-after"]) >= 1
 
@@ -430,8 +434,11 @@ def test_504_on_deadline(stack):
 
 def test_a_client_disconnect_cancels_generation(stack):
     before = scrape(stack.decoder_metrics).rpc(DECODER_SERVICE, "Generate", "CANCELLED")
-    stream = stack.client().chat.completions.create(model=model_id(stack), messages=[{"role": "user", "content": "Hi"}],
-                                                    stream=True, max_tokens=4000, temperature=0)
+    # Greedy "Hi" ends after a few tokens on the tiny model, before a disconnect could land: this seeded
+    # near-uniform sampling runs LONG_GENERATION_TOKENS without meeting <|im_end|>.
+    stream = stack.client().chat.completions.create(
+        model=model_id(stack), messages=[{"role": "user", "content": "Hi"}], stream=True,
+        max_tokens=LONG_GENERATION_TOKENS, temperature=LONG_GENERATION["temperature"], seed=LONG_GENERATION["seed"])
     next(iter(stream))
     stream.close()
     metrics = wait_for_metrics(stack.decoder_metrics,
