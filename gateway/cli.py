@@ -29,7 +29,15 @@ from collections.abc import Sequence
 import grpc
 
 from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc, vision_pb2
-from services.common.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, fail, read_file
+from services.common.cli import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    UsageError,
+    fail,
+    read_file,
+    tolerate_unprintable_output,
+)
 
 PROG = "internvl-client"
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -197,10 +205,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # A model may answer in any script; a terminal that cannot show a character gets an escape, not a crash.
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+    tolerate_unprintable_output()
     try:
         return run(args)
     except UsageError as exc:

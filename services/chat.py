@@ -30,7 +30,16 @@ from PIL import UnidentifiedImageError
 from safetensors import SafetensorError
 
 from services.common.checkpoint import CheckpointError, parse_dtype, resolve_model_dir
-from services.common.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, fail, read_file
+from services.common.cli import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    fail,
+    read_file,
+    tolerate_unprintable_output,
+)
 from services.common.limits import MAX_TILES_LIMIT
 from services.common.model_config import InternVLConfig
 from services.common.quantization import NO_QUANTIZATION, QUANTIZE_CHOICES
@@ -319,10 +328,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # A model may answer in any script; a terminal that cannot show a character gets an escape, not a crash.
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+    tolerate_unprintable_output()
     try:
         return run(args)
     except UsageError as exc:

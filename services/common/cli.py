@@ -29,6 +29,13 @@ class UsageError(Exception):
     """
 
 
+def tolerate_unprintable_output() -> None:
+    """A model may answer in any script; a terminal that cannot show a character gets an escape, not a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def fail(prog: str, message: str, code: int) -> int:
     """Print `PROG: message` to stderr and return `code`, the exit status to end with."""
     print(f"{prog}: {message}", file=sys.stderr, flush=True)
