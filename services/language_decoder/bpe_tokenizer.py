@@ -22,21 +22,20 @@ the last complete UTF-8 character, so half a character never comes out as U+FFFD
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from .prompt import IMG_CONTEXT_TOKEN
-from .tokenizer import (
+from .tokenizer import CleanupStream
+from .tokenizer_base import (
     ADDED_TOKENS_FILE,
     SPECIAL_TOKENS_MAP_FILE,
     TOKENIZER_CONFIG_FILE,
-    CleanupStream,
+    TokenizerBase,
     TokenizerError,
-    clean_up_tokenization,
-    encode_batch,
     read_json,
+    special_token,
     token_content,
 )
 
@@ -116,7 +115,7 @@ def _qwen2_tokenizer(model_dir: Path, config: dict) -> Tokenizer:
     return tok
 
 
-class ByteLevelBPETokenizer:
+class ByteLevelBPETokenizer(TokenizerBase):
     """A byte-level BPE tokenizer (see the module docstring), with the interface of `InternLM2Tokenizer`."""
 
     def __init__(self, tokenizer: Tokenizer, *, bos_token: str | None, eos_token: str | None,
@@ -128,7 +127,7 @@ class ByteLevelBPETokenizer:
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self._vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         added = tokenizer.get_added_tokens_decoder()
-        self._added_tokens = {t.content: i for i, t in added.items()}
+        self._added_encoder = {t.content: i for i, t in added.items()}
         self._special_ids = frozenset(i for i, t in added.items() if t.special)
         # Each id's raw bytes, as the ByteLevel decoder produces them (a token with a character outside
         # the byte table, e.g. an added token in another script, stands for its own UTF-8).
@@ -154,54 +153,15 @@ class ByteLevelBPETokenizer:
         else:
             raise TokenizerError(f"{model_dir} has no {TOKENIZER_JSON_FILE}")
         special_map = read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
-
-        def special(key: str) -> str | None:
-            for source in (special_map, config):  # special_tokens_map.json wins, as in transformers
-                if key in source:
-                    return token_content(source[key])
-            return None
-
-        return cls(tok, bos_token=special("bos_token"), eos_token=special("eos_token"),
-                   pad_token=special("pad_token"), unk_token=special("unk_token"),
+        return cls(tok, bos_token=special_token("bos_token", special_map, config),
+                   eos_token=special_token("eos_token", special_map, config),
+                   pad_token=special_token("pad_token", special_map, config),
+                   unk_token=special_token("unk_token", special_map, config),
                    clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
     # ------------------------------------------------------------------ vocabulary
 
-    @property
-    def vocab_size(self) -> int:
-        """All ids, added tokens included (`len(tokenizer)` upstream)."""
-        return self._vocab_size
-
-    @property
-    def bos_id(self) -> int | None:
-        return None if self.bos_token is None else self.token_to_id(self.bos_token)
-
-    @property
-    def eos_id(self) -> int | None:
-        return None if self.eos_token is None else self.token_to_id(self.eos_token)
-
-    @property
-    def pad_id(self) -> int:
-        token = self.pad_token if self.pad_token is not None else self.eos_token
-        if token is None:
-            raise TokenizerError("the tokenizer has neither a pad token nor an eos token")
-        return self.token_to_id(token)
-
-    @property
-    def img_context_id(self) -> int:
-        """The id of `<IMG_CONTEXT>`, the slot each image-feature vector fills."""
-        if IMG_CONTEXT_TOKEN not in self.added_tokens:
-            raise TokenizerError(f"{IMG_CONTEXT_TOKEN!r} is not an added token of this tokenizer")
-        return self.added_tokens[IMG_CONTEXT_TOKEN]
-
-    @property
-    def special_ids(self) -> frozenset[int]:
-        """The ids `skip_special_tokens=True` drops."""
-        return self._special_ids
-
-    @property
-    def added_tokens(self) -> dict[str, int]:
-        return dict(self._added_tokens)
+    # `vocab_size` (all ids, added tokens included), `bos_id`, `pad_id`, `special_ids`, ... come from the base.
 
     def token_to_id(self, token: str) -> int:
         idx = self._tok.token_to_id(token)
@@ -212,20 +172,6 @@ class ByteLevelBPETokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self._tok.id_to_token(self._check_id(token_id))
 
-    def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False):
-        if isinstance(ids, int):
-            return self.id_to_token(ids)
-        return [self.id_to_token(i) for i in ids if not (skip_special_tokens and int(i) in self._special_ids)]
-
-    def is_special(self, token_id: int) -> bool:
-        return int(token_id) in self._special_ids
-
-    def _check_id(self, token_id) -> int:
-        idx = int(token_id)
-        if not 0 <= idx < self._vocab_size:
-            raise IndexError(f"token id {idx} out of range [0, {self._vocab_size})")
-        return idx
-
     # ------------------------------------------------------------------ encode / decode
 
     def tokenize(self, text: str) -> list[str]:
@@ -235,14 +181,9 @@ class ByteLevelBPETokenizer:
         """`tokenizer(text).input_ids`; `add_bos` runs the post-processor (Llama-3's BOS; Qwen2 has none)."""
         return self._tok.encode(text, add_special_tokens=add_bos).ids
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = True, padding_side: str = "left"):
-        """`tokenizer(texts, padding=True)` with pad id `pad_id`: (input_ids, attention_mask)."""
-        return encode_batch(self, texts, add_bos=add_bos, padding_side=padding_side)
-
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = [self._check_id(i) for i in ids]
-        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+        return self._clean_up(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes `token_id` stands for."""

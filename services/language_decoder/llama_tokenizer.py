@@ -22,27 +22,22 @@ the rules around it are upstream's, quirks included:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from .prompt import IMG_CONTEXT_TOKEN
-from .tokenizer import (
+from .tokenizer import SPIECE_UNDERLINE, CleanupStream, utf8_incomplete
+from .tokenizer_base import (
     ADDED_TOKENS_FILE,
-    SP_MODEL_FILE,
     SPECIAL_TOKENS_MAP_FILE,
-    SPIECE_UNDERLINE,
     TOKENIZER_CONFIG_FILE,
-    CleanupStream,
+    SentencePieceTokenizerBase,
     TokenizerError,
-    clean_up_tokenization,
-    encode_batch,
     read_json,
+    special_token_list,
     token_content,
-    utf8_incomplete,
 )
 
 
@@ -55,7 +50,7 @@ def _load_sp_without_dummy_prefix(sp_model_file: Path) -> spm.SentencePieceProce
     return sp
 
 
-class LlamaSPTokenizer:
+class LlamaSPTokenizer(SentencePieceTokenizerBase):
     """Encode/decode exactly like upstream's slow `LlamaTokenizer(legacy=False)` (module docstring)."""
 
     def __init__(
@@ -83,27 +78,14 @@ class LlamaSPTokenizer:
             int(i): (token_content(e), bool(e.get("lstrip", False)), bool(e.get("rstrip", False)))
             for i, e in added_tokens.items()
         }
-        self._added_encoder = {content: i for i, (content, _, _) in sorted(self._added.items())}
-        specials: list[str] = []
-        for tok in (bos_token, eos_token, unk_token, pad_token, *additional_special_tokens):
-            if tok is not None and tok not in specials:
-                specials.append(tok)
+        self._added_decoder = {i: content for i, (content, _, _) in self._added.items()}
+        self._added_encoder = {content: i for i, content in sorted(self._added_decoder.items())}
+        specials = special_token_list(bos_token, eos_token, unk_token, pad_token, *additional_special_tokens)
         for tok in specials:
             if tok not in self._added_encoder:
                 raise TokenizerError(f"special token {tok!r} is not an added token of this tokenizer")
         self._special_tokens = frozenset(specials)  # upstream `all_special_tokens`
-        self._special_ids = frozenset(self._added_encoder[t] for t in specials)
-        # Decoded as standalone pieces joined with " " (transformers' `legacy_added_tokens`).
-        self._legacy_tokens = frozenset(
-            (set(self._added_encoder) - self._special_tokens)
-            | {t for t in additional_special_tokens if self._added_encoder[t] >= self._sp_size}
-        )
-        alternatives = sorted(self._added_encoder, key=len, reverse=True)
-        self._split_re = re.compile("|".join(re.escape(t) for t in alternatives)) if alternatives else None
-        self._vocab_size = max(self._sp_size, max(self._added, default=-1) + 1)
-        for idx in range(self._sp_size, self._vocab_size):
-            if idx not in self._added:
-                raise TokenizerError(f"id {idx} is past the SentencePiece vocab but is no added token")
+        self._index_added_tokens(specials, additional_special_tokens)
         if unk_token is None:
             raise TokenizerError("a LlamaTokenizer needs an unk_token (legacy=False encoding is built on it)")
         # `_sp_tokenize` encodes unk_token + chunk and drops this many pieces (upstream `unk_token_length`).
@@ -112,10 +94,7 @@ class LlamaSPTokenizer:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> LlamaSPTokenizer:
         model_dir = Path(model_dir)
-        sp_file = model_dir / SP_MODEL_FILE
-        if not sp_file.is_file():
-            raise TokenizerError(f"{model_dir} has no {SP_MODEL_FILE}")
-        config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
+        sp_file, config = cls._model_file_and_config(model_dir)
         if config.get("legacy", True):
             raise TokenizerError(
                 f"{model_dir / TOKENIZER_CONFIG_FILE}: only LlamaTokenizer with legacy=false is supported "
@@ -127,90 +106,13 @@ class LlamaSPTokenizer:
             if token_content(added.setdefault(int(idx), {"content": content})) != content:
                 raise TokenizerError(f"{ADDED_TOKENS_FILE} and {TOKENIZER_CONFIG_FILE} disagree on id {idx}")
 
-        def special(key: str, default: str | None) -> str | None:
-            for source in (special_map, config):  # special_tokens_map.json wins, as in transformers
-                if key in source:
-                    return token_content(source[key])
-            return default
-
-        extra_source = special_map if "additional_special_tokens" in special_map else config
         return cls(
             sp_file,
             added,
-            bos_token=special("bos_token", "<s>"),
-            eos_token=special("eos_token", "</s>"),
-            unk_token=special("unk_token", "<unk>"),
-            pad_token=special("pad_token", None),
-            additional_special_tokens=[token_content(t) for t in extra_source.get("additional_special_tokens") or []],
-            add_bos_token=bool(config.get("add_bos_token", True)),
-            add_eos_token=bool(config.get("add_eos_token", False)),
-            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            **cls._config_kwargs(special_map, config, pad_default=None),
         )
 
-    # ------------------------------------------------------------------ vocabulary
-
-    @property
-    def vocab_size(self) -> int:
-        """All ids: SentencePiece pieces + added tokens (`len(tokenizer)` upstream)."""
-        return self._vocab_size
-
-    @property
-    def sp_vocab_size(self) -> int:
-        return self._sp_size
-
-    @property
-    def bos_id(self) -> int | None:
-        return None if self.bos_token is None else self.token_to_id(self.bos_token)
-
-    @property
-    def eos_id(self) -> int | None:
-        return None if self.eos_token is None else self.token_to_id(self.eos_token)
-
-    @property
-    def pad_id(self) -> int:
-        return self.token_to_id(self.pad_token if self.pad_token is not None else self.eos_token)
-
-    @property
-    def img_context_id(self) -> int:
-        """The id of `<IMG_CONTEXT>`, the slot each image-feature vector fills."""
-        if IMG_CONTEXT_TOKEN not in self.added_tokens:
-            raise TokenizerError(f"{IMG_CONTEXT_TOKEN!r} is not an added token of this tokenizer")
-        return self.added_tokens[IMG_CONTEXT_TOKEN]
-
-    @property
-    def special_ids(self) -> frozenset[int]:
-        """The ids `skip_special_tokens=True` drops (upstream `all_special_ids`)."""
-        return self._special_ids
-
-    @property
-    def added_tokens(self) -> dict[str, int]:
-        return dict(self._added_encoder)
-
-    def token_to_id(self, token: str) -> int:
-        """Upstream `convert_tokens_to_ids`: added tokens, else the piece's id (the unk id if unknown)."""
-        if token in self._added_encoder:
-            return self._added_encoder[token]
-        return self._sp.piece_to_id(token)
-
-    def id_to_token(self, token_id: int) -> str:
-        token_id = self._check_id(token_id)
-        if token_id in self._added:
-            return self._added[token_id][0]
-        return self._sp.id_to_piece(token_id)
-
-    def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False):
-        if isinstance(ids, int):
-            return self.id_to_token(ids)
-        return [self.id_to_token(i) for i in ids if not (skip_special_tokens and int(i) in self._special_ids)]
-
-    def is_special(self, token_id: int) -> bool:
-        return int(token_id) in self._special_ids
-
-    def _check_id(self, token_id) -> int:
-        idx = int(token_id)
-        if not 0 <= idx < self._vocab_size:
-            raise IndexError(f"token id {idx} out of range [0, {self._vocab_size})")
-        return idx
+    # The vocabulary members (`vocab_size`, `bos_id`, `pad_id`, `token_to_id`, ...) come from the base.
 
     # ------------------------------------------------------------------ encode
 
@@ -264,10 +166,6 @@ class LlamaSPTokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = True, padding_side: str = "left"):
-        """`tokenizer(texts, padding=True)` with pad id `pad_id`: (input_ids, attention_mask)."""
-        return encode_batch(self, texts, add_bos=add_bos, padding_side=padding_side)
-
     # ------------------------------------------------------------------ decode
 
     def _tokens_to_string(self, tokens: list[str]) -> str:
@@ -286,23 +184,7 @@ class LlamaSPTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """transformers 4.37 `PreTrainedTokenizer._decode` over `convert_tokens_to_string`."""
-        tokens = self.convert_ids_to_tokens(list(ids), skip_special_tokens=skip_special_tokens)
-        sub_texts: list[str] = []
-        current: list[str] = []
-        for token in tokens:
-            if token in self._legacy_tokens:
-                if current:
-                    text = self._tokens_to_string(current)
-                    if text:
-                        sub_texts.append(text)
-                    current = []
-                sub_texts.append(token)
-            else:
-                current.append(token)
-        if current:
-            sub_texts.append(self._tokens_to_string(current))
-        text = " ".join(sub_texts)
-        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+        return self._clean_up(" ".join(self._sub_texts(ids, skip_special_tokens)))
 
     def text_stream(self, skip_special_tokens: bool = True) -> _LlamaStream:
         """The per-token state behind `IncrementalDecoder(self, skip_special_tokens)`."""

@@ -25,78 +25,36 @@ and character for character, quirks included:
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
-from .prompt import IM_END_TOKEN, IM_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from .prompt import IM_END_TOKEN, IM_START_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from .tokenizer_base import (
+    ADDED_TOKENS_FILE,
+    SP_MODEL_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+    SentencePieceTokenizerBase,
+    TokenizerError,
+    clean_up_tokenization,
+    read_json,
+    special_token_list,
+    token_content,
+)
 
-SP_MODEL_FILE = "tokenizer.model"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
-ADDED_TOKENS_FILE = "added_tokens.json"
+# Re-exported: the loader, tests and callers import these from here.
+__all__ = [
+    "ADDED_TOKENS_FILE", "SP_MODEL_FILE", "SPECIAL_TOKENS_MAP_FILE", "TOKENIZER_CONFIG_FILE", "SPIECE_UNDERLINE",
+    "CleanupStream", "IncrementalDecoder", "InternLM2Tokenizer", "TokenizerError", "clean_up_tokenization",
+    "read_json", "token_content", "utf8_incomplete",
+]
 
 SPIECE_UNDERLINE = "▁"
 
 
-class TokenizerError(ValueError):
-    """The tokenizer files are missing or inconsistent."""
-
-
-def clean_up_tokenization(text: str) -> str:
-    """transformers' `PreTrainedTokenizerBase.clean_up_tokenization`; it only ever deletes spaces."""
-    return (
-        text.replace(" .", ".")
-        .replace(" ?", "?")
-        .replace(" !", "!")
-        .replace(" ,", ",")
-        .replace(" ' ", "'")
-        .replace(" n't", "n't")
-        .replace(" 'm", "'m")
-        .replace(" 's", "'s")
-        .replace(" 've", "'ve")
-        .replace(" 're", "'re")
-    )
-
-
-def token_content(value) -> str | None:
-    """A special token as tokenizer_config / special_tokens_map store it: a string or an AddedToken dict."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise TokenizerError(f"cannot read special token {value!r}")
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
-
-
-def encode_batch(
-    tokenizer, texts: Sequence[str], add_bos: bool = True, padding_side: str = "left"
-) -> tuple[list[list[int]], list[list[int]]]:
-    """`tokenizer(texts, padding=True)` for any tokenizer here: (input_ids, attention_mask), padded
-    with `tokenizer.pad_id` on `padding_side` (batch_chat pads on the left)."""
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    rows = [tokenizer.encode(t, add_bos=add_bos) for t in texts]
-    width = max((len(r) for r in rows), default=0)
-    ids, mask = [], []
-    for row in rows:
-        pad = [tokenizer.pad_id] * (width - len(row))
-        ids.append(pad + row if padding_side == "left" else row + pad)
-        ones, zeros = [1] * len(row), [0] * len(pad)
-        mask.append(zeros + ones if padding_side == "left" else ones + zeros)
-    return ids, mask
-
-
-class InternLM2Tokenizer:
+class InternLM2Tokenizer(SentencePieceTokenizerBase):
     """Encode/decode exactly like upstream InternLM2Tokenizer (see the module docstring)."""
 
     def __init__(
@@ -123,10 +81,7 @@ class InternLM2Tokenizer:
 
         # id -> text for the added tokens (including the relabeled SentencePiece pieces).
         self._added_decoder: dict[int, str] = {int(i): t for i, t in (added_tokens or {}).items()}
-        specials: list[str] = []
-        for tok in (bos_token, eos_token, unk_token, pad_token, *additional_special_tokens):
-            if tok is not None and tok not in specials:
-                specials.append(tok)
+        specials = special_token_list(bos_token, eos_token, unk_token, pad_token, *additional_special_tokens)
         known = set(self._added_decoder.values())
         for tok in specials:
             # transformers always registers the special tokens as added tokens; they must have an id.
@@ -139,22 +94,7 @@ class InternLM2Tokenizer:
         self._added_encoder: dict[str, int] = {t: i for i, t in sorted(self._added_decoder.items())}
         self._special_tokens: tuple[str, ...] = tuple(specials)
         self._special_set = frozenset(specials)
-        self._special_ids = frozenset(self._added_encoder[t] for t in specials)
-        # transformers' `legacy_added_tokens` in `_decode`: non-special added tokens, plus the
-        # additional special tokens that live past the SentencePiece vocab. They are decoded as
-        # standalone pieces joined with " " (that is where " <img> <IMG_CONTEXT> ..." comes from).
-        self._legacy_tokens = frozenset(
-            (set(self._added_encoder) - set(specials))
-            | {t for t in additional_special_tokens if self._added_encoder[t] >= self._sp_size}
-        )
-        # Longest first, so that at one position the longest added token wins (transformers' Trie).
-        alternatives = sorted(self._added_encoder, key=len, reverse=True)
-        self._split_re = re.compile("|".join(re.escape(t) for t in alternatives)) if alternatives else None
-
-        self._vocab_size = max(self._sp_size, max(self._added_decoder, default=-1) + 1)
-        for idx in range(self._sp_size, self._vocab_size):
-            if idx not in self._added_decoder:
-                raise TokenizerError(f"id {idx} is past the SentencePiece vocab but is no added token")
+        self._index_added_tokens(specials, additional_special_tokens)
         self._byte_values: dict[int, int] = {
             i: int(self._sp.id_to_piece(i)[3:5], 16)
             for i in range(self._sp_size)
@@ -168,10 +108,7 @@ class InternLM2Tokenizer:
     def from_dir(cls, model_dir: str | Path) -> InternLM2Tokenizer:
         """Load `tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json`, `added_tokens.json`."""
         model_dir = Path(model_dir)
-        sp_file = model_dir / SP_MODEL_FILE
-        if not sp_file.is_file():
-            raise TokenizerError(f"{model_dir} has no {SP_MODEL_FILE}")
-        config = read_json(model_dir / TOKENIZER_CONFIG_FILE)
+        sp_file, config = cls._model_file_and_config(model_dir)
         special_map = read_json(model_dir / SPECIAL_TOKENS_MAP_FILE)
 
         added: dict[int, str] = {}
@@ -184,41 +121,15 @@ class InternLM2Tokenizer:
                     f"{TOKENIZER_CONFIG_FILE} says {added[int(idx)]!r}"
                 )
 
-        def special(key: str, default: str | None) -> str | None:
-            # transformers lets special_tokens_map.json override tokenizer_config.json.
-            for source in (special_map, config):
-                if key in source:
-                    return token_content(source[key])
-            return default
-
-        extra_source = special_map if "additional_special_tokens" in special_map else config
-        additional = [token_content(t) for t in extra_source.get("additional_special_tokens") or []]
         return cls(
             sp_file,
             added,
-            bos_token=special("bos_token", "<s>"),
-            eos_token=special("eos_token", "</s>"),
-            unk_token=special("unk_token", "<unk>"),
-            pad_token=special("pad_token", "</s>"),
-            additional_special_tokens=additional,
-            add_bos_token=bool(config.get("add_bos_token", True)),
-            add_eos_token=bool(config.get("add_eos_token", False)),
-            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            **cls._config_kwargs(special_map, config, pad_default="</s>"),
         )
 
     # ------------------------------------------------------------------ vocabulary
 
-    @property
-    def vocab_size(self) -> int:
-        """All ids: SentencePiece pieces + added tokens (`len(tokenizer)` upstream, = the LLM's vocab).
-
-        Note: upstream's `tokenizer.vocab_size` is the SentencePiece size only; that is `sp_vocab_size`.
-        """
-        return self._vocab_size
-
-    @property
-    def sp_vocab_size(self) -> int:
-        return self._sp_size
+    # `vocab_size` (all ids) and `sp_vocab_size` (upstream's `tokenizer.vocab_size`) come from the base.
 
     @property
     def bos_id(self) -> int:
@@ -230,10 +141,6 @@ class InternLM2Tokenizer:
     def eos_id(self) -> int:
         sp_id = self._sp.eos_id()
         return sp_id if sp_id >= 0 else self._added_encoder[self.eos_token]
-
-    @property
-    def pad_id(self) -> int:
-        return self.token_to_id(self.pad_token if self.pad_token is not None else self.eos_token)
 
     @property
     def unk_id(self) -> int:
@@ -248,10 +155,6 @@ class InternLM2Tokenizer:
         return self._required_id(IM_END_TOKEN)
 
     @property
-    def img_context_id(self) -> int:
-        return self._required_id(IMG_CONTEXT_TOKEN)
-
-    @property
     def img_start_id(self) -> int:
         return self._required_id(IMG_START_TOKEN)
 
@@ -260,55 +163,8 @@ class InternLM2Tokenizer:
         return self._required_id(IMG_END_TOKEN)
 
     @property
-    def special_ids(self) -> frozenset[int]:
-        """The ids `skip_special_tokens=True` drops (upstream `all_special_ids`)."""
-        return self._special_ids
-
-    @property
     def all_special_tokens(self) -> tuple[str, ...]:
         return self._special_tokens
-
-    @property
-    def added_tokens(self) -> dict[str, int]:
-        return dict(self._added_encoder)
-
-    def _required_id(self, token: str) -> int:
-        if token not in self._added_encoder:
-            raise TokenizerError(f"{token!r} is not an added token of this tokenizer")
-        return self._added_encoder[token]
-
-    def token_to_id(self, token: str) -> int:
-        """Upstream `convert_tokens_to_ids`: added tokens, else the piece's id (the unk id if unknown)."""
-        if token in self._added_encoder:
-            return self._added_encoder[token]
-        return self._sp.piece_to_id(token)
-
-    def id_to_token(self, token_id: int) -> str:
-        token_id = self._check_id(token_id)
-        if token_id in self._added_decoder:
-            return self._added_decoder[token_id]
-        return self._sp.id_to_piece(token_id)
-
-    def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False):
-        """Token strings of `ids` (added tokens by their text, e.g. `<|im_end|>` not the raw piece)."""
-        if isinstance(ids, int):
-            return self.id_to_token(ids)
-        out = []
-        for token_id in ids:
-            token_id = self._check_id(token_id)
-            if skip_special_tokens and token_id in self._special_ids:
-                continue
-            out.append(self.id_to_token(token_id))
-        return out
-
-    def is_special(self, token_id: int) -> bool:
-        return int(token_id) in self._special_ids
-
-    def _check_id(self, token_id) -> int:
-        idx = int(token_id)
-        if not 0 <= idx < self._vocab_size:
-            raise IndexError(f"token id {idx} out of range [0, {self._vocab_size})")
-        return idx
 
     # ------------------------------------------------------------------ encode
 
@@ -346,12 +202,6 @@ class InternLM2Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def encode_batch(
-        self, texts: Sequence[str], add_bos: bool = True, padding_side: str = "left"
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """`tokenizer(texts, padding=True)` with pad id `pad_id`: (input_ids, attention_mask)."""
-        return encode_batch(self, texts, add_bos=add_bos, padding_side=padding_side)
-
     # ------------------------------------------------------------------ decode
 
     def _tokens_to_string(self, tokens: list[str]) -> str:
@@ -383,23 +233,8 @@ class InternLM2Tokenizer:
         spaces_between_special_tokens: bool = True,
     ) -> str:
         """transformers 4.44 `PreTrainedTokenizer._decode` over InternLM2's `convert_tokens_to_string`."""
-        tokens = self.convert_ids_to_tokens(list(ids), skip_special_tokens=skip_special_tokens)
-        sub_texts: list[str] = []
-        current: list[str] = []
-        for token in tokens:
-            if token in self._legacy_tokens:
-                if current:
-                    text = self._tokens_to_string(current)
-                    if text:
-                        sub_texts.append(text)
-                    current = []
-                sub_texts.append(token)
-            else:
-                current.append(token)
-        if current:
-            sub_texts.append(self._tokens_to_string(current))
-        text = (" " if spaces_between_special_tokens else "").join(sub_texts)
-        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+        sub_texts = self._sub_texts(ids, skip_special_tokens)
+        return self._clean_up((" " if spaces_between_special_tokens else "").join(sub_texts))
 
     # ------------------------------------------------------------------ helpers for IncrementalDecoder
 
