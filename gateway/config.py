@@ -30,7 +30,7 @@ from gateway.redis_connect import check_url, instance_address
 from gateway.sessions import SessionConfig
 from services.common.flags import EnvFlags
 from services.common.logging import LOG_FORMATS
-from services.common.security import ClientTls, ServerTls, load_api_keys, redact_url
+from services.common.security import ClientTls, ServerTls, is_loopback_host, load_api_keys, redact_url
 from services.common.server import ServerConfig
 
 ENV_PREFIX = "IVL_GATEWAY_"
@@ -87,6 +87,12 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.api_keys and self.insecure_open:
             raise ValueError(f"--insecure-open contradicts the API keys configured (--api-keys-file, {API_KEYS_ENV})")
+        if self.insecure_open:  # open means open to whoever reaches the port: only this machine, then
+            for flag, host in (("--host", self.server.host), ("--http-host", self.http.host)):
+                if host and not is_loopback_host(host):
+                    raise ValueError(f"--insecure-open serves without authentication and so binds loopback only; "
+                                     f"{flag} {host} reaches beyond this machine. Give API keys (--api-keys-file or "
+                                     f"{API_KEYS_ENV}) or bind 127.0.0.1")
         # frozen: resolve the stores' defaults once, here
         object.__setattr__(self, "session_redis_url", self.session_redis_url or self.redis_url)
         object.__setattr__(self, "feature_cache_url", self.feature_cache_url or self.redis_url)

@@ -41,7 +41,7 @@ from gateway.feature_cache import (
 )
 from gateway.grounding import GroundingBox, ImageSize, image_size, parse_boxes
 from gateway.peers import DecoderClient, EncoderClient, PeerProtocolError
-from gateway.placeholders import PlaceholderError, place_images
+from gateway.placeholders import PlaceholderError, place_images, text_only_problem
 from gateway.sessions import (
     ImageRef,
     Session,
@@ -53,6 +53,8 @@ from gateway.sessions import (
     SessionTooLarge,
     Turn,
     VideoSampling,
+    owner_hash,
+    session_prefix,
 )
 from internvl.v1 import decoder_pb2, gateway_pb2, vision_pb2
 from services.common.limits import (
@@ -63,6 +65,7 @@ from services.common.limits import (
     sampling_problem,
     video_segments_problem,
 )
+from services.common.security import ANONYMOUS_TENANT, redact_addresses
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +117,25 @@ _PEER_KINDS = {
 
 
 def peer_error(peer: str, err: grpc.aio.AioRpcError) -> ChatError:
+    """The client's error for a failed peer call. gRPC's details may name the peer's address
+    (`ipv4:10.0.3.7:50053`): the log keeps them, the client's message has them redacted."""
     code = err.code()
     kind = _PEER_KINDS.get(code)
+    details = err.details() or ""
+    if kind is not ErrorKind.INVALID_ARGUMENT:
+        log.warning("%s failed: %s: %s", peer, code.name, details)
+    details = redact_addresses(details)
     if kind is None:
-        return ChatError(ErrorKind.INTERNAL, f"{peer} failed: {code.name}: {err.details()}")
+        return ChatError(ErrorKind.INTERNAL, f"{peer} failed: {code.name}: {details}")
     # Keep the peer's retry hint: the client, not the gateway, decides when to come back.
     hint = next((v for k, v in (err.trailing_metadata() or ()) if k == RETRY_AFTER_KEY), None)
     retry_after_ms = int(hint) if hint is not None and str(hint).isdigit() else None
-    return ChatError(kind, f"{peer}: {err.details()}", retry_after_ms=retry_after_ms)
+    return ChatError(kind, f"{peer}: {details}", retry_after_ms=retry_after_ms)
+
+
+def session_not_found(session_id: str) -> ChatError:
+    """One message for unknown, expired, deleted and another tenant's sessions: it tells nothing apart."""
+    return ChatError(ErrorKind.NOT_FOUND, f"session {session_prefix(session_id)} not found (expired or deleted)")
 
 
 def session_error(exc: SessionError) -> ChatError:
@@ -129,11 +143,14 @@ def session_error(exc: SessionError) -> ChatError:
         return ChatError(ErrorKind.NOT_FOUND, str(exc))
     if isinstance(exc, SessionTooLarge):
         return ChatError(ErrorKind.TOO_LARGE, str(exc))
+    # Redis errors name the store's address (`connecting to 10.0.2.5:6379`): logged, redacted for the client.
+    log.warning("session store: %s", exc)
+    detail = redact_addresses(str(exc))
     if isinstance(exc, SessionStoreFull):
-        return ChatError(ErrorKind.STORE_FULL, str(exc))
+        return ChatError(ErrorKind.STORE_FULL, detail)
     if isinstance(exc, SessionStoreUnavailable):
-        return ChatError(ErrorKind.UNAVAILABLE, f"session store unavailable: {exc}")
-    return ChatError(ErrorKind.INTERNAL, f"session store error: {exc}")
+        return ChatError(ErrorKind.UNAVAILABLE, f"session store unavailable: {detail}")
+    return ChatError(ErrorKind.INTERNAL, f"session store error: {detail}")
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -143,12 +160,13 @@ def session_error(exc: SessionError) -> ChatError:
 class RequestContext:
     """Who asks and by when: what every call into the core carries besides its input.
 
-    Identity (a tenant, a key's name) belongs here once the gateway has it; the core passes the
-    context to every peer call it makes.
+    `tenant` is the name of the API key that authenticated the call (ANONYMOUS_TENANT on an
+    --insecure-open gateway): sessions belong to it. The core passes the context to every peer call.
     """
 
     timeout_s: float  # the time left for the whole turn
     request_id: str = ""
+    tenant: str = ANONYMOUS_TENANT
 
     def peer_metadata(self) -> list[tuple[str, str]]:
         """Propagate the request id to the peers so logs of one request can be joined."""
@@ -315,7 +333,7 @@ class ChatCore:
     async def chat(self, request: ChatInput, ctx: RequestContext) -> AsyncIterator[ChatEvent]:
         """The turn's text deltas; the last event carries the finish reason, usage and boxes."""
         self.validate(request)
-        session = await self._require_session(request.session_id) if request.session_id else None
+        session = await self._require_session(request.session_id, ctx.tenant) if request.session_id else None
         # Placeholders first: a malformed request costs no encoding.
         past_questions = [self._question(t.user) for t in request.history]
         question = self._question(request.turn)
@@ -407,8 +425,15 @@ class ChatCore:
         for past in request.history:
             if len(past.assistant.encode()) > cfg.max_text_bytes:
                 raise bad(f"an assistant message is longer than {cfg.max_text_bytes} bytes")
-        if request.system_message is not None and len(request.system_message.encode()) > cfg.max_text_bytes:
-            raise bad(f"the system message is longer than {cfg.max_text_bytes} bytes")
+            problem = text_only_problem(past.assistant, "an assistant message")
+            if problem:
+                raise bad(problem)
+        if request.system_message is not None:
+            if len(request.system_message.encode()) > cfg.max_text_bytes:
+                raise bad(f"the system message is longer than {cfg.max_text_bytes} bytes")
+            problem = text_only_problem(request.system_message, "the system message")
+            if problem:
+                raise bad(problem)
         problem = request.sampling.problem()
         if problem:
             fields = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "stop")
@@ -437,32 +462,36 @@ class ChatCore:
 
     # ------------------------------------------------------------------ sessions
 
-    async def create_session(self, system_message: str | None, ttl_s: int | None) -> Session:
+    async def create_session(self, system_message: str | None, ttl_s: int | None, tenant: str) -> Session:
         if system_message is not None and len(system_message.encode()) > self.config.max_text_bytes:
             raise ChatError(ErrorKind.INVALID_ARGUMENT,
                             f"system_message is longer than {self.config.max_text_bytes} bytes")
+        problem = text_only_problem(system_message or "", "system_message")
+        if problem:
+            raise ChatError(ErrorKind.INVALID_ARGUMENT, problem)
         try:
-            return await self.sessions.create(system_message, ttl_s)
+            return await self.sessions.create(system_message, ttl_s, owner=owner_hash(tenant))
         except ValueError as exc:
             raise ChatError(ErrorKind.INVALID_ARGUMENT, str(exc)) from exc
         except SessionError as exc:
             raise session_error(exc) from exc
 
-    async def get_session(self, session_id: str) -> Session:
+    async def get_session(self, session_id: str, tenant: str) -> Session:
         if not session_id:
             raise ChatError(ErrorKind.INVALID_ARGUMENT, "session_id is required")
-        return await self._require_session(session_id)
+        return await self._require_session(session_id, tenant)
 
-    async def delete_session(self, session_id: str) -> None:
+    async def delete_session(self, session_id: str, tenant: str) -> None:
         if not session_id:
             raise ChatError(ErrorKind.INVALID_ARGUMENT, "session_id is required")
-        if not await self._sessions_call(self.sessions.delete(session_id)):
-            raise ChatError(ErrorKind.NOT_FOUND, f"session {session_id!r} not found")
+        if not await self._sessions_call(self.sessions.delete(session_id, owner=owner_hash(tenant))):
+            raise session_not_found(session_id)
 
-    async def _require_session(self, session_id: str) -> Session:
-        session = await self._sessions_call(self.sessions.get(session_id))
+    async def _require_session(self, session_id: str, tenant: str) -> Session:
+        """The tenant's session; another tenant's is NOT_FOUND with the very message of an unknown id."""
+        session = await self._sessions_call(self.sessions.get(session_id, owner=owner_hash(tenant)))
         if session is None:
-            raise ChatError(ErrorKind.NOT_FOUND, f"session {session_id!r} not found (expired or deleted)")
+            raise session_not_found(session_id)
         return session
 
     async def _store_turn(self, session_id: str, turn: Turn, files: dict[str, bytes]) -> None:
@@ -562,7 +591,8 @@ class ChatCore:
         data = await self._sessions_call(self.sessions.get_image(session_id, ref.content_hash))
         if data is None:
             raise ChatError(ErrorKind.FAILED_PRECONDITION,
-                            f"session {session_id}: an earlier image's features and bytes are both gone")
+                            f"session {session_prefix(session_id)}: an earlier image's features and bytes are "
+                            "both gone")
         if ref.video is not None:
             return await self._frame_from_video(data, ref.frame_index, ref.video, tiling, ctx)
         return await self._encode_image(data, tiling, ctx)
@@ -625,7 +655,8 @@ class ChatCore:
         except grpc.aio.AioRpcError as err:
             raise peer_error(peer, err) from err
         except PeerProtocolError as exc:
-            raise ChatError(ErrorKind.INTERNAL, f"{peer}: {exc}") from exc
+            log.warning("%s: %s", peer, exc)
+            raise ChatError(ErrorKind.INTERNAL, f"{peer}: {redact_addresses(str(exc))}") from exc
 
 
 def _layout(turn: UserTurn) -> int:

@@ -1,0 +1,111 @@
+"""Tenants: API keys with names, the identity the gRPC interceptor hands the servicer, session owners."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+
+import grpc
+import pytest
+
+from gateway.sessions import LEGACY_OWNER, owner_hash, session_prefix
+from services.common import security
+from services.common.interceptors import ApiKeyInterceptor, tenant_of
+from services.common.security import (
+    ANONYMOUS_TENANT,
+    ApiKeys,
+    SecurityConfigError,
+    derived_key_name,
+    load_api_keys,
+    parse_key_entry,
+)
+from services.common.server import GrpcServer, ServerConfig, Service
+
+SERVICE = "test.Whoami"
+
+
+def test_named_and_plain_key_entries(tmp_path) -> None:
+    f = tmp_path / "keys"
+    f.write_text("# teams\nalice:k-alice-1\nk-plain-2\n")
+    entries = load_api_keys(str(f))
+    assert [parse_key_entry(e) for e in entries] == [("alice", "k-alice-1"), (derived_key_name("k-plain-2"),
+                                                                              "k-plain-2")]
+    name = derived_key_name("k-plain-2")
+    assert name == "key-" + hashlib.sha256(b"k-plain-2").hexdigest()[:8]
+    assert "k-plain-2" not in name
+    assert parse_key_entry("svc.b_1:abc:def") == ("svc.b_1", "abc:def")  # the key may hold a colon when named
+
+
+@pytest.mark.parametrize("bad", [":nokey-name", "name:", "bad/name:key", "x" * 65 + ":key"])
+def test_malformed_entries_fail_at_load(bad: str) -> None:
+    with pytest.raises(SecurityConfigError, match="name:key"):
+        load_api_keys("", bad)
+
+
+def test_identify_names_the_key_and_duplicate_names_are_refused() -> None:
+    keys = ApiKeys(["alice:k-a", "bob:k-b", "k-c"])
+    assert keys.identify("k-a") == "alice" and keys.identify("k-b") == "bob"
+    assert keys.identify("k-c") == derived_key_name("k-c")
+    assert keys.identify("alice") is None and keys.identify("alice:k-a") is None and keys.identify("") is None
+    assert keys.check("k-b") and not keys.check("k-")
+    with pytest.raises(SecurityConfigError, match="share a name"):
+        ApiKeys(["team:k1", "team:k2"])
+
+
+def test_every_key_is_compared_in_constant_time(monkeypatch) -> None:
+    """No early exit: a match on the first key still compares against all the others."""
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(security.hmac, "compare_digest", spy)
+    keys = ApiKeys(["a:k-1", "b:k-2", "c:k-3"])
+    assert keys.identify("k-1") == "a"
+    assert calls == [b"k-1", b"k-2", b"k-3"]
+
+
+def test_session_owner_hash_and_id_prefix() -> None:
+    assert owner_hash("alice") != owner_hash("bob") and "alice" not in owner_hash("alice")
+    assert owner_hash(ANONYMOUS_TENANT) == LEGACY_OWNER
+    sid = "AbCdEf" + "x" * 16
+    assert session_prefix(sid) == "AbCdEf..." and "x" not in session_prefix(sid)
+
+
+def test_interceptor_hands_the_servicer_the_tenant() -> None:
+    async def whoami(_request: bytes, context) -> bytes:
+        return tenant_of(context, "nobody").encode()
+
+    async def whoami_stream(_request: bytes, context):
+        yield tenant_of(context, "nobody").encode()
+
+    def add(_servicer, server: grpc.aio.Server) -> None:
+        handlers = {"Unary": grpc.unary_unary_rpc_method_handler(whoami),
+                    "Stream": grpc.unary_stream_rpc_method_handler(whoami_stream)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+    async def main():
+        server = GrpcServer(ServerConfig(port=0), [Service(SERVICE, add, None)],
+                            interceptors=[ApiKeyInterceptor(ApiKeys(["alice:k-a", "k-plain"]))])
+        port = await server.start()
+        await server.set_serving(True)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                unary = channel.unary_unary(f"/{SERVICE}/Unary")
+                stream = channel.unary_stream(f"/{SERVICE}/Stream")
+                a = await unary(b"", metadata=(("authorization", "Bearer k-a"),))
+                plain = await unary(b"", metadata=(("authorization", "Bearer k-plain"),))
+                streamed = [m async for m in stream(b"", metadata=(("authorization", "Bearer k-a"),))]
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await unary(b"", metadata=(("authorization", "Bearer k-other"),))
+                return a, plain, streamed, refused.value.code()
+        finally:
+            await server.stop(now=True)
+
+    a, plain, streamed, refused = asyncio.run(main())
+    assert a == b"alice" and streamed == [b"alice"]
+    assert plain == derived_key_name("k-plain").encode()
+    assert refused == grpc.StatusCode.UNAUTHENTICATED
