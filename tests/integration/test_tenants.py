@@ -6,17 +6,21 @@ Tenant B tries what a hostile tenant would with tenant A's session id; A's own t
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
+import numpy as np
 import openai
 import pytest
 from openai import OpenAI
+from PIL import Image
 
 from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.server import channel_options
@@ -35,6 +39,7 @@ class TenantStack:
     stack: Stack
     http_port: int
     gateway: gateway_pb2_grpc.GatewayStub
+    keys_file: Path
 
     def openai(self, key: str) -> OpenAI:
         return OpenAI(api_key=key, base_url=f"http://127.0.0.1:{self.http_port}/v1", max_retries=0)
@@ -50,7 +55,7 @@ def tenants(tmp_path_factory) -> Iterator[TenantStack]:
     channel = grpc.insecure_channel(stack.gateway.address, options=channel_options())
     try:
         wait_http_ready(http_port)
-        yield TenantStack(stack, http_port, gateway_pb2_grpc.GatewayStub(channel))
+        yield TenantStack(stack, http_port, gateway_pb2_grpc.GatewayStub(channel), keys)
     finally:
         channel.close()
         stack.stop()
@@ -191,3 +196,54 @@ def test_client_errors_name_no_internal_address(tenants: TenantStack) -> None:
         assert str(dead) not in text and "127.0.0.1" not in text and "ipv4:" not in text, text
     assert reply.status_code == 503
     assert f"127.0.0.1:{dead}" in logs  # operators still see where
+
+
+# ---------------------------------------------------------------------------------------------- caches
+
+
+def noise_png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# A prompt of many prefix-cache blocks that no other test sends.
+LONG_TEXT = " ".join(f"item{i} is filed under shelf {i * 7 % 13}." for i in range(60))
+
+
+def cached_tokens(stub, key: str, text: str, image: bytes | None = None) -> int:
+    request = gateway_pb2.ChatRequest(text=text, generation=decoder_pb2.SamplingParams(max_new_tokens=1))
+    if image is not None:
+        request.images.add(data=image)
+        request.tiling.max_tiles = 1
+    return stub.Chat(request, metadata=auth(key), timeout=120).usage.cached_prompt_tokens
+
+
+def probe(stub, seed: int) -> dict[str, int]:
+    """A sends an image and a long text twice; then B sends the same: how many prompt tokens came cached."""
+    image, text = noise_png(seed), f"{seed}: {LONG_TEXT}"
+    out = {}
+    for what, kw in (("image", {"text": "What is this?", "image": image}), ("text", {"text": text})):
+        cached_tokens(stub, KEY_A, **kw)
+        out[f"a_{what}"] = cached_tokens(stub, KEY_A, **kw)  # A's own history: reused
+        out[f"b_{what}"] = cached_tokens(stub, KEY_B, **kw)
+    return out
+
+
+def test_caches_are_per_tenant_unless_shared_by_flag(tenants: TenantStack) -> None:
+    """cached_prompt_tokens tells B nothing about what A sent (feature keys and the decoder's prefix-cache
+    salt are per tenant); a gateway with --share-caches-across-tenants shows the signal."""
+    scoped = probe(tenants.gateway, seed=1)
+    for what in ("image", "text"):
+        assert scoped[f"b_{what}"] < scoped[f"a_{what}"], scoped
+    assert scoped["a_text"] > 100, scoped  # the long text's blocks were reused for A itself
+
+    stack = tenants.stack
+    shared_gw = ServiceProcess("gateway", ["--encoder", stack.encoder.address, "--decoder", stack.decoder.address,
+                                           "--redis-url", stack.redis.url, "--api-keys-file", str(tenants.keys_file),
+                                           "--share-caches-across-tenants"])
+    with shared_gw, grpc.insecure_channel(shared_gw.address, options=channel_options()) as channel:
+        shared = probe(gateway_pb2_grpc.GatewayStub(channel), seed=2)
+    for what in ("image", "text"):
+        assert shared[f"b_{what}"] == shared[f"a_{what}"], shared  # B sees A's history: the trade-off

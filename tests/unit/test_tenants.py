@@ -109,3 +109,27 @@ def test_interceptor_hands_the_servicer_the_tenant() -> None:
     assert a == b"alice" and streamed == [b"alice"]
     assert plain == derived_key_name("k-plain").encode()
     assert refused == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_cache_salt_seeds_the_prefix_cache_hash_chain() -> None:
+    from services.language_decoder.engine.request import EngineRequest
+    from services.language_decoder.engine.sequence import Sequence
+
+    def hashes(salt: bytes) -> list[bytes]:
+        seq = Sequence(EngineRequest("r", list(range(1, 33)), cache_salt=salt), arrival=0, block_size=16)
+        return [seq.block_hash(0), seq.block_hash(1)]
+
+    a, a_again, b, shared = hashes(b"tenant-a"), hashes(b"tenant-a"), hashes(b"tenant-b"), hashes(b"")
+    assert a == a_again
+    assert not set(a) & set(b) and not set(a) & set(shared)  # no block of one salt matches another's
+
+
+def test_feature_keys_are_scoped() -> None:
+    from gateway.feature_cache import feature_key_for_hash
+
+    settings = {"max_tiles": 6, "min_tiles": 1, "use_thumbnail": True, "image_size": 448, "model_fingerprint": "m"}
+    image = "ab" * 32
+    shared = feature_key_for_hash(image, **settings)
+    assert feature_key_for_hash(image, **settings, scope="") == shared  # unscoped keys are unchanged
+    a, b = (feature_key_for_hash(image, **settings, scope=s) for s in ("scope-a", "scope-b"))
+    assert len({shared, a, b}) == 3
