@@ -133,3 +133,64 @@ def test_feature_keys_are_scoped() -> None:
     assert feature_key_for_hash(image, **settings, scope="") == shared  # unscoped keys are unchanged
     a, b = (feature_key_for_hash(image, **settings, scope=s) for s in ("scope-a", "scope-b"))
     assert len({shared, a, b}) == 3
+
+
+# ---------------------------------------------------------------------------------------- point 7, pure parts
+
+
+def test_request_ids_are_sanitised_and_made_unique_at_the_edge() -> None:
+    from services.common.interceptors import assign_request_id
+
+    first, second = (assign_request_id("req-42", unique=True) for _ in range(2))
+    assert first.startswith("req-42.") and second.startswith("req-42.") and first != second
+    assert assign_request_id("req-42", unique=False) == "req-42"  # internal hops keep the gateway's id
+    for bad in ("", "has space", "x" * 65, "-lead", "a;b", "\u00e9"):
+        made = assign_request_id(bad, unique=True)
+        assert len(made) == 32 and made.isalnum(), bad
+
+
+def test_client_messages_lose_addresses() -> None:
+    from services.common.security import redact_addresses
+
+    grpc_detail = "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.3.7:50053: Connection refused"
+    assert "10.0.3.7" not in redact_addresses(grpc_detail) and "50053" not in redact_addresses(grpc_detail)
+    redis_detail = "Error 111 connecting to redis-sessions.internvl.svc:6379. Connection refused."
+    assert "redis-sessions" not in redact_addresses(redis_detail)
+    assert redact_addresses("ipv6:[fd00::5]:50052 down") == "<address> down"
+    kept = "the prompt is 3000 tokens; this decoder's context is 2048 (prompt + answer) at 12:30"
+    assert redact_addresses(kept) == kept
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+def test_loopback_hosts(host: str) -> None:
+    from services.common.security import is_loopback_host
+
+    assert is_loopback_host(host)
+    assert not is_loopback_host("0.0.0.0") and not is_loopback_host("::") and not is_loopback_host("gw.example")
+
+
+def test_insecure_open_refuses_public_binds(capsys) -> None:
+    from gateway.config import GatewayConfig
+
+    assert GatewayConfig.from_args(["--insecure-open"], env={}).insecure_open  # loopback by default
+    for argv in (["--host", "0.0.0.0"], ["--http-host", "192.168.1.5"]):
+        with pytest.raises(SystemExit):
+            GatewayConfig.from_args(["--insecure-open", *argv], env={})
+        err = capsys.readouterr().err
+        assert "--insecure-open" in err and argv[0] in err and argv[1] in err
+    keyed = GatewayConfig.from_args(["--host", "0.0.0.0"], env={"IVL_GATEWAY_API_KEYS": "team:k1"})
+    assert not keyed.insecure_open and not keyed.share_caches_across_tenants
+    assert GatewayConfig.from_args(["--share-caches-across-tenants", "--insecure-open"],
+                                   env={}).share_caches_across_tenants
+
+
+def test_system_and_assistant_placeholders_are_refused_by_the_core() -> None:
+    from gateway.config import GatewayConfig
+    from gateway.core import ChatCore, ChatError, ChatInput, ErrorKind, PastTurn, UserTurn
+
+    core = ChatCore(GatewayConfig.from_args(["--insecure-open"], env={}), None, None, None, None)
+    for request in (ChatInput(UserTurn("Hi"), system_message="See <image>"),
+                    ChatInput(UserTurn("Hi"), history=(PastTurn(UserTurn("a"), "b <image>"),))):
+        with pytest.raises(ChatError) as err:
+            core.validate(request)
+        assert err.value.kind is ErrorKind.INVALID_ARGUMENT and "<image>" in err.value.message
