@@ -169,8 +169,8 @@ def session_prefix(session_id: str) -> str:
 
 
 def _owned_by(stored: bytes | None, owner: str) -> bool:
-    expected = LEGACY_OWNER if stored is None else stored.decode(errors="replace")
-    return hmac.compare_digest(expected, owner)
+    expected = LEGACY_OWNER.encode() if stored is None else bytes(stored)
+    return hmac.compare_digest(expected, owner.encode())
 
 
 def session_keys(session_id: str) -> list[str]:

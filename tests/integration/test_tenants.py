@@ -247,3 +247,27 @@ def test_caches_are_per_tenant_unless_shared_by_flag(tenants: TenantStack) -> No
         shared = probe(gateway_pb2_grpc.GatewayStub(channel), seed=2)
     for what in ("image", "text"):
         assert shared[f"b_{what}"] == shared[f"a_{what}"], shared  # B sees A's history: the trade-off
+
+
+def test_sessions_without_an_owner_belong_to_the_anonymous_tenant(tenants: TenantStack) -> None:
+    """Sessions stored before owners existed: only the anonymous (--insecure-open) tenant reaches them."""
+    import asyncio
+
+    from gateway.redis_connect import redis_client
+    from gateway.sessions import LEGACY_OWNER, SessionStore, owner_hash, session_keys
+
+    async def scenario():
+        client = redis_client(tenants.stack.redis.url, timeout_s=2.0)
+        try:
+            store = SessionStore(client)
+            sid = (await store.create(system_message="old", owner=owner_hash("alice"))).session_id
+            await client.hdel(session_keys(sid)[0], "owner")  # as a session written by an older gateway
+            seen = (await store.get(sid, owner=owner_hash("alice")), await store.get(sid, owner=LEGACY_OWNER))
+            deleted = (await store.delete(sid, owner=owner_hash("alice")), await store.delete(sid, owner=LEGACY_OWNER))
+            return seen, deleted
+        finally:
+            await client.aclose()
+
+    (alice_view, anonymous_view), deleted = asyncio.run(scenario())
+    assert alice_view is None and anonymous_view is not None and anonymous_view.system_message == "old"
+    assert deleted == (False, True)
