@@ -182,7 +182,7 @@ def is_loopback_host(host: str) -> bool:
 # `unix:/run/x.sock`) and plain host:port pairs: internal topology a client has no business seeing.
 _ADDRESS = re.compile(
     r"\b(?:ipv4|ipv6|unix|unix-abstract|dns):(?:\[[0-9A-Fa-f:.]+\])?[^\s,;)\]\"']*"
-    r"|\[[0-9A-Fa-f:.]+\](?::\d+)?"
+    r"|\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\](?::\d+)?"  # [v6]:port (a colon inside: not `images[0]`)
     r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?"
     r"|\b[A-Za-z0-9.-]*[A-Za-z][A-Za-z0-9.-]*:\d{2,5}\b"
 )

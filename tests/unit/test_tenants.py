@@ -157,7 +157,7 @@ def test_client_messages_lose_addresses() -> None:
     redis_detail = "Error 111 connecting to redis-sessions.internvl.svc:6379. Connection refused."
     assert "redis-sessions" not in redact_addresses(redis_detail)
     assert redact_addresses("ipv6:[fd00::5]:50052 down") == "<address> down"
-    kept = "the prompt is 3000 tokens; this decoder's context is 2048 (prompt + answer) at 12:30"
+    kept = "the prompt is 3000 tokens; images[0] could not be decoded; [1a] context is 2048 at 12:30"
     assert redact_addresses(kept) == kept
 
 
