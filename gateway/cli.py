@@ -30,7 +30,7 @@ import grpc
 
 from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc, vision_pb2
 from services.common.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, fail, read_file
-from services.common.security import parse_key_entry
+from services.common.security import SecurityConfigError, parse_key_entry
 
 PROG = "internvl-client"
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -132,7 +132,10 @@ def api_key(args: argparse.Namespace) -> str:
         keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         if not keys:
             raise UsageError(f"no API key in {args.api_key_file}")
-        return parse_key_entry(keys[0])[1]  # the gateway's keys file may be given: `name:key` lines
+        try:  # the gateway's keys file may be given: `name:key` lines
+            return parse_key_entry(keys[0])[1]
+        except SecurityConfigError as exc:
+            raise UsageError(f"{args.api_key_file}: {exc}") from exc
     return os.environ.get(API_KEY_ENV, "").strip()
 
 
