@@ -78,7 +78,7 @@ async def run(config: GatewayConfig) -> None:
     server = GrpcServer(config.server, [Service(name, gateway_pb2_grpc.add_GatewayServicer_to_server,
                                                 GatewayServicer(core))],
                         interceptors=[ApiKeyInterceptor(keys)] if keys else [],
-                        collectors=[FeatureCacheCollector(lambda: cache)])
+                        collectors=[FeatureCacheCollector(lambda: cache)], unique_request_ids=True)
     http = None
     if config.http.port:
         probes = [("vision encoder", _grpc_probe(encoder.channel)), ("language decoder", _grpc_probe(decoder.channel)),

@@ -38,6 +38,7 @@ from services.common.cli import (
     read_file,
     tolerate_unprintable_output,
 )
+from services.common.security import SecurityConfigError, parse_key_entry
 
 PROG = "internvl-client"
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -139,7 +140,10 @@ def api_key(args: argparse.Namespace) -> str:
         keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         if not keys:
             raise UsageError(f"no API key in {args.api_key_file}")
-        return keys[0]
+        try:  # the gateway's keys file may be given: `name:key` lines
+            return parse_key_entry(keys[0])[1]
+        except SecurityConfigError as exc:
+            raise UsageError(f"{args.api_key_file}: {exc}") from exc
     return os.environ.get(API_KEY_ENV, "").strip()
 
 

@@ -30,7 +30,7 @@ from gateway.redis_connect import check_url, instance_address
 from gateway.sessions import SessionConfig
 from services.common.flags import EnvFlags
 from services.common.logging import LOG_FORMATS
-from services.common.security import ClientTls, ServerTls, load_api_keys, redact_url
+from services.common.security import ClientTls, ServerTls, is_loopback_host, load_api_keys, redact_url
 from services.common.server import ServerConfig
 
 ENV_PREFIX = "IVL_GATEWAY_"
@@ -76,6 +76,8 @@ class GatewayConfig:
     default_timeout_s: float = 600.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty + insecure_open = no auth
     insecure_open: bool = False
+    # Off: the feature cache and the decoder's prefix cache are per tenant (ChatCore.cache_scope).
+    share_caches_across_tenants: bool = False
     peer_tls: ClientTls | None = None  # TLS (and client certificates) towards encoders and decoders
     redis_tls_ca: str = ""
     log_level: str = "INFO"
@@ -87,6 +89,12 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.api_keys and self.insecure_open:
             raise ValueError(f"--insecure-open contradicts the API keys configured (--api-keys-file, {API_KEYS_ENV})")
+        if self.insecure_open:  # open means open to whoever reaches the port: only this machine, then
+            for flag, host in (("--host", self.server.host), ("--http-host", self.http.host)):
+                if host and not is_loopback_host(host):
+                    raise ValueError(f"--insecure-open serves without authentication and so binds loopback only; "
+                                     f"{flag} {host} reaches beyond this machine. Give API keys (--api-keys-file or "
+                                     f"{API_KEYS_ENV}) or bind 127.0.0.1")
         # frozen: resolve the stores' defaults once, here
         object.__setattr__(self, "session_redis_url", self.session_redis_url or self.redis_url)
         object.__setattr__(self, "feature_cache_url", self.feature_cache_url or self.redis_url)
@@ -122,12 +130,13 @@ class GatewayConfig:
     def summary(self) -> str:
         """The settings worth a start-up log line, secrets left out."""
         auth = "OPEN (no API key)" if self.insecure_open else f"{len(self.api_keys)} API key(s)"
+        caches = "shared" if self.share_caches_across_tenants else "per-tenant"
         tls = self.server.tls
         server_tls = "off" if tls is None else ("mutual" if tls.mutual else "on")
         peer_tls = "off" if self.peer_tls is None else ("mutual" if self.peer_tls.cert else "on")
         http = f"http=:{self.http.port}" if self.http.port else "http=off"
         media = ",".join(self.http.media.allowed_domains) or "off"
-        return (f"{self.server.address} {http} media_urls={media} auth={auth} tls={server_tls} "
+        return (f"{self.server.address} {http} media_urls={media} auth={auth} caches={caches} tls={server_tls} "
                 f"encoder={self.encoder_target} decoder={self.decoder_target} peer_tls={peer_tls} "
                 f"sessions={redact_url(self.session_redis_url)} features={redact_url(self.feature_cache_url)}")
 
@@ -159,7 +168,10 @@ class GatewayConfig:
         flags = EnvFlags(p, ENV_PREFIX, {}, env)
         flags.add("--api-keys-file", str, f"file of accepted API keys, one per line (also env {API_KEYS_ENV}, "
                   "comma-separated)", default="")
-        flags.add_switch("--insecure-open", "serve without API keys (local use only)")
+        flags.add_switch("--insecure-open", "serve without API keys (binds loopback only)")
+        flags.add_switch("--share-caches-across-tenants", "one feature cache and decoder prefix cache for all API "
+                         "keys: more hits, but a tenant can tell from cached_prompt_tokens and latency what "
+                         "others sent (single-tenant deployments)")
         flags.add("--tls-cert", str, "PEM certificate chain: serve TLS (with --tls-key)", default="")
         flags.add("--tls-key", str, "PEM private key of --tls-cert", default="")
         flags.add("--tls-ca", str, "PEM CA bundle: require client certificates it signed (mutual TLS)", default="")
@@ -217,6 +229,7 @@ class GatewayConfig:
                 max_new_tokens=a.max_new_tokens,
                 api_keys=keys,
                 insecure_open=a.insecure_open,
+                share_caches_across_tenants=a.share_caches_across_tenants,
                 peer_tls=ClientTls.from_flags(a.peer_tls_ca, a.peer_tls_cert, a.peer_tls_key),
                 redis_tls_ca=a.redis_tls_ca,
                 log_level=a.log_level,

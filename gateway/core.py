@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from gateway.feature_cache import (
 )
 from gateway.grounding import GroundingBox, ImageSize, image_size, parse_boxes
 from gateway.peers import DecoderClient, EncoderClient, PeerProtocolError
-from gateway.placeholders import PlaceholderError, place_images
+from gateway.placeholders import PlaceholderError, place_images, text_only_problem
 from gateway.sessions import (
     ImageRef,
     Session,
@@ -53,6 +54,8 @@ from gateway.sessions import (
     SessionTooLarge,
     Turn,
     VideoSampling,
+    owner_hash,
+    session_prefix,
 )
 from internvl.v1 import decoder_pb2, gateway_pb2, vision_pb2
 from services.common.limits import (
@@ -63,6 +66,7 @@ from services.common.limits import (
     sampling_problem,
     video_segments_problem,
 )
+from services.common.security import ANONYMOUS_TENANT, redact_addresses
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +118,25 @@ _PEER_KINDS = {
 
 
 def peer_error(peer: str, err: grpc.aio.AioRpcError) -> ChatError:
+    """The client's error for a failed peer call. gRPC's details may name the peer's address
+    (`ipv4:10.0.3.7:50053`): the log keeps them, the client's message has them redacted."""
     code = err.code()
     kind = _PEER_KINDS.get(code)
+    details = err.details() or ""
+    if kind is not ErrorKind.INVALID_ARGUMENT:
+        log.warning("%s failed: %s: %s", peer, code.name, details)
+    details = redact_addresses(details)
     if kind is None:
-        return ChatError(ErrorKind.INTERNAL, f"{peer} failed: {code.name}: {err.details()}")
+        return ChatError(ErrorKind.INTERNAL, f"{peer} failed: {code.name}: {details}")
     # Keep the peer's retry hint: the client, not the gateway, decides when to come back.
     hint = next((v for k, v in (err.trailing_metadata() or ()) if k == RETRY_AFTER_KEY), None)
     retry_after_ms = int(hint) if hint is not None and str(hint).isdigit() else None
-    return ChatError(kind, f"{peer}: {err.details()}", retry_after_ms=retry_after_ms)
+    return ChatError(kind, f"{peer}: {details}", retry_after_ms=retry_after_ms)
+
+
+def session_not_found(session_id: str) -> ChatError:
+    """One message for unknown, expired, deleted and another tenant's sessions: it tells nothing apart."""
+    return ChatError(ErrorKind.NOT_FOUND, f"session {session_prefix(session_id)} not found (expired or deleted)")
 
 
 def session_error(exc: SessionError) -> ChatError:
@@ -129,11 +144,14 @@ def session_error(exc: SessionError) -> ChatError:
         return ChatError(ErrorKind.NOT_FOUND, str(exc))
     if isinstance(exc, SessionTooLarge):
         return ChatError(ErrorKind.TOO_LARGE, str(exc))
+    # Redis errors name the store's address (`connecting to 10.0.2.5:6379`): logged, redacted for the client.
+    log.warning("session store: %s", exc)
+    detail = redact_addresses(str(exc))
     if isinstance(exc, SessionStoreFull):
-        return ChatError(ErrorKind.STORE_FULL, str(exc))
+        return ChatError(ErrorKind.STORE_FULL, detail)
     if isinstance(exc, SessionStoreUnavailable):
-        return ChatError(ErrorKind.UNAVAILABLE, f"session store unavailable: {exc}")
-    return ChatError(ErrorKind.INTERNAL, f"session store error: {exc}")
+        return ChatError(ErrorKind.UNAVAILABLE, f"session store unavailable: {detail}")
+    return ChatError(ErrorKind.INTERNAL, f"session store error: {detail}")
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -143,12 +161,13 @@ def session_error(exc: SessionError) -> ChatError:
 class RequestContext:
     """Who asks and by when: what every call into the core carries besides its input.
 
-    Identity (a tenant, a key's name) belongs here once the gateway has it; the core passes the
-    context to every peer call it makes.
+    `tenant` is the name of the API key that authenticated the call (ANONYMOUS_TENANT on an
+    --insecure-open gateway): sessions belong to it. The core passes the context to every peer call.
     """
 
     timeout_s: float  # the time left for the whole turn
     request_id: str = ""
+    tenant: str = ANONYMOUS_TENANT
 
     def peer_metadata(self) -> list[tuple[str, str]]:
         """Propagate the request id to the peers so logs of one request can be joined."""
@@ -315,7 +334,7 @@ class ChatCore:
     async def chat(self, request: ChatInput, ctx: RequestContext) -> AsyncIterator[ChatEvent]:
         """The turn's text deltas; the last event carries the finish reason, usage and boxes."""
         self.validate(request)
-        session = await self._require_session(request.session_id) if request.session_id else None
+        session = await self._require_session(request.session_id, ctx.tenant) if request.session_id else None
         # Placeholders first: a malformed request costs no encoding.
         past_questions = [self._question(t.user) for t in request.history]
         question = self._question(request.turn)
@@ -343,6 +362,7 @@ class ChatCore:
             sampling=request.sampling.proto(),
             images=[decoder_pb2.ImageDescriptor(num_tiles=f.entry.num_tiles, feature_key=f.key,
                                                 tensor=f.entry.tensor_header()) for f in blocks],
+            cache_salt=self.cache_scope(ctx),  # text-only prefixes too: the feature keys cover images only
         )
         sizes = self._image_sizes(request.turn)
         call = self.decoder.generate(setup, [f.entry for f in blocks], timeout=ctx.timeout_s,
@@ -407,8 +427,15 @@ class ChatCore:
         for past in request.history:
             if len(past.assistant.encode()) > cfg.max_text_bytes:
                 raise bad(f"an assistant message is longer than {cfg.max_text_bytes} bytes")
-        if request.system_message is not None and len(request.system_message.encode()) > cfg.max_text_bytes:
-            raise bad(f"the system message is longer than {cfg.max_text_bytes} bytes")
+            problem = text_only_problem(past.assistant, "an assistant message")
+            if problem:
+                raise bad(problem)
+        if request.system_message is not None:
+            if len(request.system_message.encode()) > cfg.max_text_bytes:
+                raise bad(f"the system message is longer than {cfg.max_text_bytes} bytes")
+            problem = text_only_problem(request.system_message, "the system message")
+            if problem:
+                raise bad(problem)
         problem = request.sampling.problem()
         if problem:
             fields = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "stop")
@@ -437,32 +464,36 @@ class ChatCore:
 
     # ------------------------------------------------------------------ sessions
 
-    async def create_session(self, system_message: str | None, ttl_s: int | None) -> Session:
+    async def create_session(self, system_message: str | None, ttl_s: int | None, tenant: str) -> Session:
         if system_message is not None and len(system_message.encode()) > self.config.max_text_bytes:
             raise ChatError(ErrorKind.INVALID_ARGUMENT,
                             f"system_message is longer than {self.config.max_text_bytes} bytes")
+        problem = text_only_problem(system_message or "", "system_message")
+        if problem:
+            raise ChatError(ErrorKind.INVALID_ARGUMENT, problem)
         try:
-            return await self.sessions.create(system_message, ttl_s)
+            return await self.sessions.create(system_message, ttl_s, owner=owner_hash(tenant))
         except ValueError as exc:
             raise ChatError(ErrorKind.INVALID_ARGUMENT, str(exc)) from exc
         except SessionError as exc:
             raise session_error(exc) from exc
 
-    async def get_session(self, session_id: str) -> Session:
+    async def get_session(self, session_id: str, tenant: str) -> Session:
         if not session_id:
             raise ChatError(ErrorKind.INVALID_ARGUMENT, "session_id is required")
-        return await self._require_session(session_id)
+        return await self._require_session(session_id, tenant)
 
-    async def delete_session(self, session_id: str) -> None:
+    async def delete_session(self, session_id: str, tenant: str) -> None:
         if not session_id:
             raise ChatError(ErrorKind.INVALID_ARGUMENT, "session_id is required")
-        if not await self._sessions_call(self.sessions.delete(session_id)):
-            raise ChatError(ErrorKind.NOT_FOUND, f"session {session_id!r} not found")
+        if not await self._sessions_call(self.sessions.delete(session_id, owner=owner_hash(tenant))):
+            raise session_not_found(session_id)
 
-    async def _require_session(self, session_id: str) -> Session:
-        session = await self._sessions_call(self.sessions.get(session_id))
+    async def _require_session(self, session_id: str, tenant: str) -> Session:
+        """The tenant's session; another tenant's is NOT_FOUND with the very message of an unknown id."""
+        session = await self._sessions_call(self.sessions.get(session_id, owner=owner_hash(tenant)))
         if session is None:
-            raise ChatError(ErrorKind.NOT_FOUND, f"session {session_id!r} not found (expired or deleted)")
+            raise session_not_found(session_id)
         return session
 
     async def _store_turn(self, session_id: str, turn: Turn, files: dict[str, bytes]) -> None:
@@ -490,7 +521,8 @@ class ChatCore:
     async def _image_media(self, turn: UserTurn, info, ctx: RequestContext) -> _TurnMedia:
         tiling = self._tiling(turn.tiling, info, default_max=info.default_max_tiles)
         hashes = [file_sha256(data) for data in turn.images]
-        keys = [self._image_key(h, tiling, info) for h in hashes]
+        scope = self.cache_scope(ctx)
+        keys = [self._image_key(h, tiling, info, scope) for h in hashes]
 
         async def one(data: bytes, key: str) -> _Feature:
             entry = await self._cached(key, lambda: self._encode_image(data, tiling, ctx))
@@ -507,7 +539,8 @@ class ChatCore:
         sampling = VideoSampling(num_segments=v.num_segments or DEFAULT_VIDEO_SEGMENTS,
                                  start_seconds=v.start_seconds, end_seconds=v.end_seconds)
         video_hash = file_sha256(v.data)
-        keys = [self._frame_key(video_hash, i, sampling, tiling, info) for i in range(sampling.num_segments)]
+        scope = self.cache_scope(ctx)
+        keys = [self._frame_key(video_hash, i, sampling, tiling, info, scope) for i in range(sampling.num_segments)]
         entries = await self._video_entries(v.data, keys, sampling, tiling, ctx)
         features = [_Feature(k, e) for k, e in zip(keys, entries, strict=True)]
         refs = [ImageRef(video_hash, tiling.max_tiles, tiling.min_tiles, tiling.use_thumbnail, e.num_tiles,
@@ -543,14 +576,15 @@ class ChatCore:
         if not any(turn.images for turn in session.turns):
             return features
         info = await self._call_peer("vision encoder", self.encoder.model_info(ctx.timeout_s))
+        scope = self.cache_scope(ctx)
         for turn in session.turns:
             turn_features = []
             for ref in turn.images:
                 tiling = Tiling(ref.max_tiles, ref.min_tiles, ref.use_thumbnail)
                 if ref.video is not None:
-                    key = self._frame_key(ref.content_hash, ref.frame_index, ref.video, tiling, info)
+                    key = self._frame_key(ref.content_hash, ref.frame_index, ref.video, tiling, info, scope)
                 else:
-                    key = self._image_key(ref.content_hash, tiling, info)
+                    key = self._image_key(ref.content_hash, tiling, info, scope)
                 entry = await self._cached(key, lambda r=ref, t=tiling: self._reencode(session.session_id, r, t, ctx))
                 turn_features.append(_Feature(key, entry))
             if turn.image_layout == gateway_pb2.IMAGE_LAYOUT_COMBINED and turn.images and turn.images[0].video is None:
@@ -562,7 +596,8 @@ class ChatCore:
         data = await self._sessions_call(self.sessions.get_image(session_id, ref.content_hash))
         if data is None:
             raise ChatError(ErrorKind.FAILED_PRECONDITION,
-                            f"session {session_id}: an earlier image's features and bytes are both gone")
+                            f"session {session_prefix(session_id)}: an earlier image's features and bytes are "
+                            "both gone")
         if ref.video is not None:
             return await self._frame_from_video(data, ref.frame_index, ref.video, tiling, ctx)
         return await self._encode_image(data, tiling, ctx)
@@ -594,20 +629,32 @@ class ChatCore:
 
     # ------------------------------------------------------------------ helpers
 
+    def cache_scope(self, ctx: RequestContext) -> str:
+        """The tenant's scope in the feature cache and the decoder's prefix cache ('' = shared by all).
+
+        Scoped by default: a shared cache answers a tenant's request faster, and with more
+        `cached_prompt_tokens`, when anyone sent the same image or prompt prefix before, which tells
+        one tenant what another sent. `--share-caches-across-tenants` trades that away for hit rate.
+        """
+        if self.config.share_caches_across_tenants:
+            return ""
+        return hashlib.sha256(f"ivl-cache-scope:{ctx.tenant}".encode()).hexdigest()[:32]
+
     @staticmethod
-    def _image_key(image_hash: str, tiling: Tiling, info) -> str:
+    def _image_key(image_hash: str, tiling: Tiling, info, scope: str) -> str:
         return feature_key_for_hash(
             image_hash, max_tiles=tiling.max_tiles, min_tiles=tiling.min_tiles,
             use_thumbnail=tiling.use_thumbnail, image_size=info.image_size, model_fingerprint=info.fingerprint,
+            scope=scope,
         )
 
     @staticmethod
-    def _frame_key(video_hash: str, index: int, sampling: VideoSampling, tiling: Tiling, info) -> str:
+    def _frame_key(video_hash: str, index: int, sampling: VideoSampling, tiling: Tiling, info, scope: str) -> str:
         return video_frame_key_for_hash(
             video_hash, frame_index=index, num_segments=sampling.num_segments,
             start_seconds=sampling.start_seconds, end_seconds=sampling.end_seconds,
             max_tiles=tiling.max_tiles, min_tiles=tiling.min_tiles, use_thumbnail=tiling.use_thumbnail,
-            image_size=info.image_size, model_fingerprint=info.fingerprint,
+            image_size=info.image_size, model_fingerprint=info.fingerprint, scope=scope,
         )
 
     @staticmethod
@@ -625,7 +672,8 @@ class ChatCore:
         except grpc.aio.AioRpcError as err:
             raise peer_error(peer, err) from err
         except PeerProtocolError as exc:
-            raise ChatError(ErrorKind.INTERNAL, f"{peer}: {exc}") from exc
+            log.warning("%s: %s", peer, exc)
+            raise ChatError(ErrorKind.INTERNAL, f"{peer}: {redact_addresses(str(exc))}") from exc
 
 
 def _layout(turn: UserTurn) -> int:

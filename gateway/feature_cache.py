@@ -70,7 +70,10 @@ def _check_settings(
         raise ValueError(f"image_size must be positive, got {image_size}")
 
 
-def _derive_key(fields: dict[str, Any]) -> str:
+def _derive_key(fields: dict[str, Any], scope: str = "") -> str:
+    # A scope (a tenant's, see ChatCore.cache_scope) gives its own key space; none keeps the shared keys.
+    if scope:
+        fields = {**fields, "scope": scope}
     # Canonical JSON (sorted keys, escaped strings) is unambiguous, unlike joining with separators.
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
@@ -83,15 +86,16 @@ def _check_hash(value: str, what: str) -> None:
 
 def feature_key_for_hash(
     image_hash: str, *, max_tiles: int, min_tiles: int, use_thumbnail: bool, image_size: int,
-    model_fingerprint: str,
+    model_fingerprint: str, scope: str = "",
 ) -> str:
-    """Key of an image's features from its content hash (sessions keep hashes, not always bytes)."""
+    """Key of an image's features from its content hash (sessions keep hashes, not always bytes);
+    `scope` (a tenant's) keeps one scope's entries invisible to another."""
     _check_hash(image_hash, "image_hash")
     _check_settings(max_tiles, min_tiles, use_thumbnail, image_size, model_fingerprint)
     return _derive_key({
         "kind": "image", "content": image_hash, "max_tiles": max_tiles, "min_tiles": min_tiles,
         "use_thumbnail": use_thumbnail, "image_size": image_size, "model": model_fingerprint,
-    })
+    }, scope)
 
 
 def feature_key(
@@ -108,7 +112,7 @@ def feature_key(
 def video_frame_key_for_hash(
     video_hash: str, *, frame_index: int, num_segments: int, start_seconds: float | None,
     end_seconds: float | None, max_tiles: int, min_tiles: int, use_thumbnail: bool, image_size: int,
-    model_fingerprint: str,
+    model_fingerprint: str, scope: str = "",
 ) -> str:
     """Key of the `frame_index`-th sampled frame of a video (hash the video once for all frames).
 
@@ -124,7 +128,7 @@ def video_frame_key_for_hash(
         "num_segments": num_segments, "start_seconds": start_seconds, "end_seconds": end_seconds,
         "max_tiles": max_tiles, "min_tiles": min_tiles, "use_thumbnail": use_thumbnail,
         "image_size": image_size, "model": model_fingerprint,
-    })
+    }, scope)
 
 
 def video_frame_key(

@@ -19,9 +19,7 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import ssl
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import uvicorn
@@ -44,15 +42,15 @@ from gateway.openai_api import (
     now,
     usage_json,
 )
+from services.common.interceptors import assign_request_id
 from services.common.logging import request_id_var
-from services.common.security import ApiKeys
+from services.common.security import ANONYMOUS_TENANT, ApiKeys, redact_addresses
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 # The HTTP form of a gRPC deadline: seconds the whole request may take (never more than the default).
 DEADLINE_HEADER = "x-request-timeout"
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")  # as the gRPC interceptor takes it
 HTTP_STATUS = {
     ErrorKind.INVALID_ARGUMENT: 400,
     ErrorKind.FAILED_PRECONDITION: 400,
@@ -116,8 +114,9 @@ def create_app(core: ChatCore, config: HttpConfig, *, fetcher: MediaFetcher, api
             try:
                 info = await core.decoder.model_info(timeout=5.0)
             except Exception as exc:
-                raise ChatError(ErrorKind.UNAVAILABLE, f"language decoder: cannot learn the model name: {exc}") \
-                    from exc
+                log.warning("language decoder: cannot learn the model name: %s", exc)
+                raise ChatError(ErrorKind.UNAVAILABLE, "language decoder: cannot learn the model name: "
+                                f"{redact_addresses(str(exc))}") from exc
             served_name.append(info.model_name or "internvl2")
         return served_name[0]
 
@@ -197,7 +196,7 @@ def create_app(core: ChatCore, config: HttpConfig, *, fetcher: MediaFetcher, api
             if not timeout > 0:
                 return error_response(400, f"the {DEADLINE_HEADER} header must be a positive number of seconds",
                                       param=DEADLINE_HEADER)
-        ctx = RequestContext(timeout_s=timeout, request_id=request.state.request_id)
+        ctx = RequestContext(timeout_s=timeout, request_id=request.state.request_id, tenant=request.state.tenant)
         sampling = req.sampling()
         first = await chat_input(req, _loader(core, fetcher), sampling)
         inputs = [first if i == 0 or sampling.seed is None
@@ -233,9 +232,8 @@ class RequestIdAndAuth:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
-        rid = headers.get(REQUEST_ID_HEADER, "")
-        if not _VALID_REQUEST_ID.fullmatch(rid):
-            rid = uuid.uuid4().hex
+        given = headers.getlist(REQUEST_ID_HEADER)
+        rid = assign_request_id(given[0] if len(given) == 1 else "", unique=True)
         request_id_var.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
 
@@ -244,25 +242,29 @@ class RequestIdAndAuth:
                 MutableHeaders(scope=message).append(REQUEST_ID_HEADER, rid)
             await send(message)
 
+        tenant = ANONYMOUS_TENANT  # an open gateway (no keys) has one tenant
         if self.api_keys is not None and scope["path"] not in OPEN_PATHS:
-            problem = _auth_problem(headers.getlist("authorization"), self.api_keys)
+            tenant, problem = _identify(headers.getlist("authorization"), self.api_keys)
             if problem:
                 response = error_response(401, problem, code="invalid_api_key")
                 return await response(scope, receive, send_with_id)
+        scope["state"]["tenant"] = tenant
         return await self.app(scope, receive, send_with_id)
 
 
-def _auth_problem(values: list[str], keys: ApiKeys) -> str | None:
+def _identify(values: list[str], keys: ApiKeys) -> tuple[str, str | None]:
+    """(the key's tenant, None), or ("", what is wrong with the Authorization header)."""
     if not values:
-        return "missing API key: send the header 'Authorization: Bearer <key>'"
+        return "", "missing API key: send the header 'Authorization: Bearer <key>'"
     if len(values) > 1:
-        return "send exactly one 'Authorization' header"
+        return "", "send exactly one 'Authorization' header"
     scheme, _, token = values[0].strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        return "the 'Authorization' header must be 'Bearer <key>'"
-    if not keys.check(token.strip()):
-        return "invalid API key"
-    return None
+        return "", "the 'Authorization' header must be 'Bearer <key>'"
+    tenant = keys.identify(token.strip())
+    if tenant is None:
+        return "", "invalid API key"
+    return tenant, None
 
 
 def _validation_response(errors: Sequence[dict]) -> JSONResponse:

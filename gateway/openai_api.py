@@ -36,6 +36,7 @@ from gateway.core import (
 )
 from gateway.grounding import GroundingBox
 from gateway.media import MediaError
+from gateway.placeholders import text_only_problem
 
 # Fields OpenAI defines that this server accepts only at their neutral value.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
@@ -153,16 +154,21 @@ def _text_only(message: dict, where: str) -> str:
         raise _bad(f"{where}.name is not supported", f"{where}.name")
     content = message.get("content")
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
+        text = content
+    elif isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _bad(f"{where}.content[{j}]: {message.get('role')} messages take text parts only",
                            f"{where}.content[{j}]")
             texts.append(part["text"])
-        return "\n".join(texts)
-    raise _bad(f"{where}.content must be a string or a list of parts", f"{where}.content")
+        text = "\n".join(texts)
+    else:
+        raise _bad(f"{where}.content must be a string or a list of parts", f"{where}.content")
+    problem = text_only_problem(text, f"{where} ({message.get('role')})")
+    if problem:  # refused here, before any media of later messages is fetched
+        raise _bad(problem, f"{where}.content")
+    return text
 
 
 async def _user_turn(message: dict, where: str, load: MediaLoader, *, combined: bool) -> UserTurn:

@@ -43,3 +43,12 @@ def place_images(text: str, *, num_items: int, combined: bool = False, video: bo
             f"use exactly {blocks}, or none to have them put in front"
         )
     return text
+
+
+def text_only_problem(text: str, what: str) -> str | None:
+    """Why `text` (a system message, an assistant answer) cannot be taken: a placeholder there would
+    take an image block meant for a user turn and break every later image turn of the conversation."""
+    if IMAGE_PLACEHOLDER in text:
+        return (f"{what} contains {IMAGE_PLACEHOLDER}: image placeholders belong only in user messages "
+                f"(remove it or write it differently, e.g. '<img>')")
+    return None

@@ -30,6 +30,8 @@ from gateway.core import (
 )
 from gateway.sessions import Session
 from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.interceptors import tenant_of
+from services.common.security import ANONYMOUS_TENANT
 
 GRPC_CODES = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -101,21 +103,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def CreateSession(self, request, context) -> gateway_pb2.Session:
         system = request.system_message if request.HasField("system_message") else None
         try:
-            return session_proto(await self.core.create_session(system, request.ttl_seconds or None))
+            return session_proto(await self.core.create_session(system, request.ttl_seconds or None,
+                                                                self._context(context).tenant))
         except ChatError as err:
             error = err
         await abort(context, error)
 
     async def GetSession(self, request, context) -> gateway_pb2.Session:
         try:
-            return session_proto(await self.core.get_session(request.session_id))
+            return session_proto(await self.core.get_session(request.session_id, self._context(context).tenant))
         except ChatError as err:
             error = err
         await abort(context, error)
 
     async def DeleteSession(self, request, context) -> gateway_pb2.DeleteSessionResponse:
         try:
-            await self.core.delete_session(request.session_id)
+            await self.core.delete_session(request.session_id, self._context(context).tenant)
             return gateway_pb2.DeleteSessionResponse()
         except ChatError as err:
             error = err
@@ -125,7 +128,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         remaining = context.time_remaining()
         timeout = self.core.config.default_timeout_s if remaining is None else max(remaining, 0.001)
         request_id = next((v for k, v in (context.invocation_metadata() or ()) if k == "x-request-id"), "")
-        return RequestContext(timeout_s=timeout, request_id=request_id)
+        return RequestContext(timeout_s=timeout, request_id=request_id,
+                              tenant=tenant_of(context, ANONYMOUS_TENANT))
 
 
 def chat_input(request: gateway_pb2.ChatRequest) -> ChatInput:

@@ -8,10 +8,15 @@ their embeddings.
 
 Keys of one session share a hash tag, so Redis Cluster puts them on one slot and one Lua script
 may touch them all:
-  ivl:sess:v1:{<id>}:meta    HASH  v, created_at, ttl, image_bytes, system_message (absent = default)
+  ivl:sess:v1:{<id>}:meta    HASH  v, created_at, ttl, image_bytes, owner, system_message (absent = default)
   ivl:sess:v1:{<id>}:turns   LIST  one JSON object per finished turn, oldest first
   ivl:sess:v1:{<id>}:images  HASH  content hash -> raw file bytes (images, or a video)
 All three carry the session's TTL, refreshed on every read and append.
+
+Sessions belong to a tenant (an API key's name): `owner` holds `owner_hash(tenant)`, never the name
+itself, and a read or delete that names another owner finds nothing, exactly as for an unknown id.
+Sessions stored before owners existed have no `owner` field: they count as the anonymous tenant's
+(an --insecure-open gateway's), so after keys are turned on no key can read them; they expire by TTL.
 
 The store is meant for a Redis of its own with `maxmemory-policy noeviction` and an append-only file
 (deploy/k8s/redis/sessions.conf): full is then an error (SessionStoreFull), never a lost session.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -31,6 +37,8 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError, RedisError
+
+from services.common.security import ANONYMOUS_TENANT
 
 KEY_PREFIX = "ivl:sess:v1:"
 TURN_FORMAT_VERSION = 1
@@ -138,8 +146,31 @@ class Session:
     image_bytes: int  # stored file bytes, counted against max_session_image_bytes
 
 
+def owner_hash(tenant: str) -> str:
+    """What a session stores of its tenant: a hash, so the store holds no key names."""
+    return hashlib.sha256(f"ivl-session-owner:{tenant}".encode()).hexdigest()
+
+
+# Sessions without an `owner` field (stored before owners existed) belong to the anonymous tenant.
+LEGACY_OWNER = owner_hash(ANONYMOUS_TENANT)
+
+
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+SESSION_ID_SHOWN = 6  # characters of a session id that messages and logs show: ids are bearer-like secrets
+
+
+def session_prefix(session_id: str) -> str:
+    """How messages and logs name a session: its first characters only (the id grants access to it)."""
+    shown = "".join(c for c in session_id[:SESSION_ID_SHOWN] if c.isalnum() or c in "_-")
+    return f"{shown}..." if len(session_id) > SESSION_ID_SHOWN else f"{shown!r}"
+
+
+def _owned_by(stored: bytes | None, owner: str) -> bool:
+    expected = LEGACY_OWNER.encode() if stored is None else bytes(stored)
+    return hmac.compare_digest(expected, owner.encode())
 
 
 def session_keys(session_id: str) -> list[str]:
@@ -283,22 +314,24 @@ class SessionStore:
             raise ValueError(f"ttl must be positive, got {ttl_s}")
         return min(int(ttl_s), self.config.max_ttl_s)
 
-    async def create(self, system_message: str | None = None, ttl_s: int | None = None) -> Session:
-        """A new empty session; ttl_s None/0 = the default, capped at max_ttl_s."""
+    async def create(self, system_message: str | None = None, ttl_s: int | None = None,
+                     owner: str = LEGACY_OWNER) -> Session:
+        """A new empty session of `owner` (an `owner_hash`); ttl_s None/0 = the default, capped at max_ttl_s."""
         ttl = self._resolve_ttl(ttl_s)
         # 128 random bits: collisions are not a practical concern, so no existence check.
         session_id = secrets.token_urlsafe(16)
         meta_key = session_keys(session_id)[0]
         now = time.time()
-        meta: dict[str, str | int | float] = {"v": 1, "created_at": now, "ttl": ttl, "image_bytes": 0}
+        meta: dict[str, str | int | float] = {"v": 1, "created_at": now, "ttl": ttl, "image_bytes": 0,
+                                              "owner": owner}
         if system_message is not None:
             meta["system_message"] = system_message
         fields = [part for item in meta.items() for part in item]
         await self._run("create", self._create_script(keys=[meta_key], args=[ttl, *fields]))
         return Session(session_id, system_message, (), ttl, now, now + ttl, 0)
 
-    async def get(self, session_id: str) -> Session | None:
-        """The session (its TTL restarted), or None if unknown or expired."""
+    async def get(self, session_id: str, owner: str | None = None) -> Session | None:
+        """The session (its TTL restarted), or None if unknown, expired, or (`owner` given) another's."""
         if not _SESSION_ID.fullmatch(session_id):
             return None
         meta_key, turns_key, images_key = session_keys(session_id)
@@ -311,13 +344,15 @@ class SessionStore:
         if not raw_meta:
             return None
         meta = {k.decode(): v for k, v in raw_meta.items()}
+        if owner is not None and not _owned_by(meta.get("owner"), owner):
+            return None  # before the TTL refresh: another tenant's read is no activity
         try:
             ttl = int(meta["ttl"])
             created_at = float(meta["created_at"])
             image_bytes = int(meta["image_bytes"])
             system = meta["system_message"].decode() if "system_message" in meta else None
         except (KeyError, ValueError) as e:
-            raise SessionCorrupted(f"session {session_id} metadata does not parse: {e}") from e
+            raise SessionCorrupted(f"session {session_prefix(session_id)} metadata does not parse: {e}") from e
         turns = tuple(_turn_from_json(raw) for raw in raw_turns)
         # A read is activity: restart the TTL. Not in a Lua script: EXPIRE is allowed when Redis is
         # full, a script that may write is not.
@@ -336,7 +371,7 @@ class SessionStore:
         hash the turn references must be given here or already be stored with the session.
         """
         if not _SESSION_ID.fullmatch(session_id):
-            raise SessionNotFound(f"session {session_id!r} not found")
+            raise SessionNotFound(f"session {session_prefix(session_id)} not found (expired or deleted)")
         images = dict(images or {})
         text_bytes = len(turn.user.encode()) + len(turn.assistant.encode())
         if text_bytes > self.config.max_text_bytes:
@@ -351,12 +386,13 @@ class SessionStore:
         keys = session_keys(session_id)
         code, detail = await self._run("append", self._append_script(keys=keys, args=argv))
         if code == -1:
-            raise SessionNotFound(f"session {session_id} not found (expired or deleted)")
+            raise SessionNotFound(f"session {session_prefix(session_id)} not found (expired or deleted)")
         if code == -2:
-            raise SessionTooLarge(f"session {session_id} has the maximum of {self.config.max_turns} turns")
+            raise SessionTooLarge(
+                f"session {session_prefix(session_id)} has the maximum of {self.config.max_turns} turns")
         if code == -3:
             raise SessionTooLarge(
-                f"session {session_id} would hold {int(detail)} bytes of images; "
+                f"session {session_prefix(session_id)} would hold {int(detail)} bytes of images; "
                 f"the limit is {self.config.max_session_image_bytes}"
             )
         if code == -4:
@@ -391,10 +427,15 @@ class SessionStore:
     async def get_image(self, session_id: str, content_hash: str) -> bytes | None:
         return (await self.get_images(session_id, [content_hash])).get(content_hash)
 
-    async def delete(self, session_id: str) -> bool:
-        """Remove the session and its files; False if it did not exist."""
+    async def delete(self, session_id: str, owner: str | None = None) -> bool:
+        """Remove the session and its files; False if it did not exist (or, `owner` given, is another's)."""
         if not _SESSION_ID.fullmatch(session_id):
             return False
+        if owner is not None:
+            # An owner never changes, so checking before the DEL leaves no race that matters.
+            stored = await self._run("delete", self._redis.hmget(session_keys(session_id)[0], ["v", "owner"]))
+            if stored[0] is None or not _owned_by(stored[1], owner):
+                return False
         # A plain DEL (no MULTI) also works when Redis is full, which is when freeing matters most.
         return bool(await self._run("delete", self._redis.delete(*session_keys(session_id))))
 

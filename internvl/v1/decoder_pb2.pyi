@@ -77,16 +77,18 @@ class ImageDescriptor(_message.Message):
     def __init__(self, num_tiles: _Optional[int] = ..., feature_key: _Optional[str] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ...) -> None: ...
 
 class GenerateSetup(_message.Message):
-    __slots__ = ("conversation", "sampling", "images", "request_id")
+    __slots__ = ("conversation", "sampling", "images", "request_id", "cache_salt")
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     conversation: Conversation
     sampling: SamplingParams
     images: _containers.RepeatedCompositeFieldContainer[ImageDescriptor]
     request_id: str
-    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageDescriptor, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageDescriptor, _Mapping]]] = ..., request_id: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("setup", "chunk")

@@ -30,8 +30,23 @@ from services.common.security import ApiKeys
 log = logging.getLogger("services.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
-# Client-chosen ids reach logs and peers, so only plain tokens are taken as they are.
+# Client-chosen ids reach logs and peers, so only plain tokens are taken, and only short ones.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
+CLIENT_REQUEST_ID_MAX = 64  # characters of a client's id that a public front keeps (then its own suffix)
+
+
+def assign_request_id(given: str, *, unique: bool) -> str:
+    """The id a call is logged and forwarded under.
+
+    An unsafe id (charset, length) is replaced by a new one. A public front (`unique`) never takes a
+    client's id as is: two calls with the same id would be one in the logs, so it keeps the id as a
+    prefix and adds its own suffix. Internal services (`unique` False) keep the gateway's id, so one
+    request's log lines join across services.
+    """
+    limit = CLIENT_REQUEST_ID_MAX if unique else 128
+    if not (len(given) <= limit and _VALID_REQUEST_ID.fullmatch(given)):
+        return uuid.uuid4().hex
+    return f"{given}.{uuid.uuid4().hex[:12]}" if unique else given
 # Probes and tooling need no key; everything else on an authenticated server does.
 OPEN_METHOD_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -100,6 +115,11 @@ class _ContextWithMetadata:
 
 
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
+    """`unique`: see `assign_request_id` (on for the public gateway)."""
+
+    def __init__(self, unique: bool = False):
+        self.unique = unique
+
     async def intercept_service(self, continuation, handler_call_details):
         return wrap_handler(await continuation(handler_call_details), self._wrap)
 
@@ -118,9 +138,8 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
     async def _enter(self, context: grpc.aio.ServicerContext) -> grpc.aio.ServicerContext:
         metadata = tuple(context.invocation_metadata() or ())
         given = [v for k, v in metadata if k == REQUEST_ID_KEY]
-        rid = given[0] if len(given) == 1 and isinstance(given[0], str) else ""
-        if not _VALID_REQUEST_ID.fullmatch(rid):
-            rid = uuid.uuid4().hex
+        rid = assign_request_id(given[0] if len(given) == 1 and isinstance(given[0], str) else "",
+                                unique=self.unique)
         request_id_var.set(rid)  # this call's task (and what it starts) only
         await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
         if given == [rid]:
@@ -226,8 +245,25 @@ def _as_status(code: Any) -> grpc.StatusCode | None:
 # ---------------------------------------------------------------------------------------- API keys
 
 
+class AuthenticatedContext:
+    """A servicer context that also says whose key authenticated the call (`tenant`: the key's name)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, tenant: str):
+        self._context = context
+        self.tenant = tenant
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def tenant_of(context: Any, default: str) -> str:
+    """The tenant `ApiKeyInterceptor` found for this call, or `default` on a server without keys."""
+    return context.tenant if isinstance(context, AuthenticatedContext) else default
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <key>` with one of `keys`, except on health and reflection.
+    """Requires `authorization: Bearer <key>` with one of `keys`, except on health and reflection, and
+    hands the servicer an `AuthenticatedContext` naming the key's tenant.
 
     The presented key is never logged or echoed; a failure says only what was wrong with it.
     """
@@ -239,23 +275,37 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
             return handler
-        problem = self._problem(handler_call_details.invocation_metadata or ())
-        if problem is None:
-            return handler
-        return wrap_handler(handler, lambda _behavior, streaming: _refuse(problem, streaming))
+        tenant, problem = self._identify(handler_call_details.invocation_metadata or ())
+        if problem is not None:
+            return wrap_handler(handler, lambda _behavior, streaming: _refuse(problem, streaming))
+        return wrap_handler(handler, lambda behavior, streaming: _as_tenant(behavior, streaming, tenant))
 
-    def _problem(self, metadata) -> str | None:
+    def _identify(self, metadata) -> tuple[str, str | None]:
+        """(tenant, None) for a valid key, else ("", what is wrong)."""
         values = [v for k, v in metadata if k == "authorization"]
         if not values:
-            return "missing API key: send the metadata 'authorization: Bearer <key>'"
+            return "", "missing API key: send the metadata 'authorization: Bearer <key>'"
         if len(values) > 1 or not isinstance(values[0], str):
-            return "send exactly one 'authorization' metadata entry"
+            return "", "send exactly one 'authorization' metadata entry"
         scheme, _, token = values[0].strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return "the 'authorization' metadata must be 'Bearer <key>'"
-        if not self._keys.check(token.strip()):
-            return "invalid API key"
-        return None
+            return "", "the 'authorization' metadata must be 'Bearer <key>'"
+        tenant = self._keys.identify(token.strip())
+        if tenant is None:
+            return "", "invalid API key"
+        return tenant, None
+
+
+def _as_tenant(behavior: Behavior, streaming: bool, tenant: str) -> Behavior:
+    if streaming:
+        async def stream(request, context):
+            async for message in _responses(behavior(request, AuthenticatedContext(context, tenant))):
+                yield message
+        return stream
+
+    async def unary(request, context):
+        return await behavior(request, AuthenticatedContext(context, tenant))
+    return unary
 
 
 def _refuse(message: str, streaming: bool) -> Behavior:

@@ -20,6 +20,7 @@ MAX_VIDEO_SEGMENTS = 64
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_CACHE_SALT_CHARS = 128  # GenerateSetup.cache_salt: a tenant's hash, not a place to ship data
 
 
 @dataclass(frozen=True)

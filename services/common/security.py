@@ -7,7 +7,10 @@ verifies the server and a certificate/key pair identifies the client to an mTLS 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +91,15 @@ class ClientTls:
 
 # ---------------------------------------------------------------------------------------- API keys
 
+# A key's name is its tenant: what sessions are owned by, what logs and metrics may show. Names are
+# plain tokens so they are safe in a log line or a label.
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ANONYMOUS_TENANT = "anonymous"  # the one tenant of an --insecure-open gateway
+
 
 def load_api_keys(keys_file: str = "", keys_env: str = "") -> tuple[str, ...]:
-    """Keys from a file (one per line; blank lines and `#` comments skipped) and a comma-separated list."""
+    """Key entries from a file (one per line; blank lines and `#` comments skipped) and a comma-separated
+    list. An entry is `name:key` or a plain `key` (see `parse_key_entry`)."""
     keys: list[str] = []
     if keys_file:
         text = _read(keys_file, "--api-keys-file").decode("utf-8")
@@ -99,20 +108,44 @@ def load_api_keys(keys_file: str = "", keys_env: str = "") -> tuple[str, ...]:
     for k in keys:
         if any(c.isspace() or not c.isprintable() for c in k):
             raise SecurityConfigError("API keys must be printable and contain no whitespace")
+        parse_key_entry(k)  # a malformed name fails at start, not at the first request
     return tuple(dict.fromkeys(keys))  # de-duplicated, in order
 
 
+def derived_key_name(key: str) -> str:
+    """The tenant name of an unnamed key: `key-` and 8 hex digits of its sha256 (not the key, and too
+    short to help guess it)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def parse_key_entry(entry: str) -> tuple[str, str]:
+    """(name, key) of a keys-file entry: `name:key` (split at the first colon), or a plain `key`, named
+    by `derived_key_name`. A key that itself holds a colon must therefore be given a name."""
+    name, sep, key = entry.partition(":")
+    if not sep:
+        return derived_key_name(entry), entry
+    if not _KEY_NAME.fullmatch(name) or not key:
+        raise SecurityConfigError(
+            "an API key entry is 'name:key' (name: letters, digits, '.', '_', '-', at most 64) or a plain key "
+            "without ':'")
+    return name, key
+
+
 class ApiKeys:
-    """Checks a presented key against every configured key in constant time.
+    """Checks a presented key against every configured key in constant time, and names its tenant.
 
     Every comparison runs (no early exit), so the time taken does not tell which key, or how much of
     one, matched. The keys are never part of any repr.
     """
 
-    def __init__(self, keys: Iterable[str]):
-        self._keys = [k.encode() for k in keys]
+    def __init__(self, entries: Iterable[str]):
+        named = [parse_key_entry(e) for e in entries]
+        self._keys = [(name, key.encode()) for name, key in named]
         if not self._keys:
             raise SecurityConfigError("no API keys configured")
+        names = [name for name, _ in named]
+        if len(set(names)) != len(names):
+            raise SecurityConfigError("two API keys share a name: give each key its own name ('name:key')")
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -120,15 +153,44 @@ class ApiKeys:
     def __repr__(self) -> str:
         return f"ApiKeys(<{len(self._keys)} keys>)"
 
-    def check(self, presented: str) -> bool:
+    def identify(self, presented: str) -> str | None:
+        """The name of the key presented, or None when it is none of them."""
         candidate = presented.encode()
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(candidate, key)
-        return matched
+        found = None
+        for name, key in self._keys:
+            if hmac.compare_digest(candidate, key) and found is None:
+                found = name
+        return found
+
+    def check(self, presented: str) -> bool:
+        return self.identify(presented) is not None
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a bind address only this machine can reach (`localhost`, 127.0.0.0/8, ::1)."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------- redaction
+
+# Peer addresses as gRPC words them in error details (`ipv4:127.0.0.1:4`, `ipv6:[::1]:50053`,
+# `unix:/run/x.sock`) and plain host:port pairs: internal topology a client has no business seeing.
+_ADDRESS = re.compile(
+    r"\b(?:ipv4|ipv6|unix|unix-abstract|dns):(?:\[[0-9A-Fa-f:.]+\])?[^\s,;)\]\"']*"
+    r"|\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\](?::\d+)?"  # [v6]:port (a colon inside: not `images[0]`)
+    r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?"
+    r"|\b[A-Za-z0-9.-]*[A-Za-z][A-Za-z0-9.-]*:\d{2,5}\b"
+)
+
+
+def redact_addresses(text: str) -> str:
+    """`text` with network addresses replaced by `<address>` (for messages clients see; logs keep them)."""
+    return _ADDRESS.sub("<address>", text)
 
 
 def redact_url(url: str) -> str:

@@ -74,7 +74,8 @@ def channel_options(max_receive_bytes: int = 64 * MiB, max_send_bytes: int = 64 
 
 class GrpcServer:
     """`interceptors` run inside the standard ones (request id, then monitoring), e.g. authentication;
-    `collectors` add the service's own state to its metrics."""
+    `collectors` add the service's own state to its metrics; `unique_request_ids` for a public front
+    (see `assign_request_id`)."""
 
     def __init__(
         self,
@@ -82,13 +83,14 @@ class GrpcServer:
         services: Sequence[Service],
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         collectors: Sequence[Collector] = (),
+        unique_request_ids: bool = False,
     ):
         self.config = config
         self.services = list(services)
         self.health = HealthServicer()
         self.metrics = ServiceMetrics(collectors)
         self.metrics_port: int | None = None
-        standard = [RequestIdInterceptor(), MonitoringInterceptor(self.metrics.rpc)]
+        standard = [RequestIdInterceptor(unique_request_ids), MonitoringInterceptor(self.metrics.rpc)]
         self.server = grpc.aio.server(
             interceptors=[*standard, *interceptors],
             # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it.

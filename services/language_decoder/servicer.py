@@ -29,7 +29,7 @@ from internvl.v1 import decoder_pb2, decoder_pb2_grpc
 from services.common.checkpoint import parse_dtype, resolve_model_dir
 from services.common.engine_health import EngineHealth
 from services.common.fingerprint import model_fingerprint
-from services.common.limits import MAX_STOP_TOKEN_IDS, proto_sampling_problem
+from services.common.limits import MAX_CACHE_SALT_CHARS, MAX_STOP_TOKEN_IDS, proto_sampling_problem
 from services.common.model_config import InternVLConfig
 from services.common.quantization import INT8, NO_QUANTIZATION
 from services.common.server import MiB
@@ -258,6 +258,8 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
         if first is None or not first.HasField("setup"):
             raise BadRequest("the first message must carry the setup (conversation, sampling, images)")
         setup = first.setup
+        if len(setup.cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise BadRequest(f"cache_salt is {len(setup.cache_salt)} characters; at most {MAX_CACHE_SALT_CHARS}")
         sampling = self._sampling(rt, setup.sampling)
         images = self._check_images(rt, setup)
         conv = setup.conversation
@@ -288,6 +290,7 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
             image_spans=spans,
             # Without hashes from the caller the engine hashes the embedding bytes itself.
             image_hashes=[d.feature_key for d in images] if all(d.feature_key for d in images) else (),
+            cache_salt=setup.cache_salt.encode(),
         )
 
     def _sampling(self, rt: DecoderRuntime, p: decoder_pb2.SamplingParams) -> SamplingParams:

@@ -51,6 +51,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.quantization import NO_QUANTIZATION, QUANTIZE_CHOICES
+from services.common.security import is_loopback_host
 
 PROG = "run_local"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +64,6 @@ REDIS_CONF_DIR = REPO_ROOT / "deploy" / "k8s" / "redis"  # the same files compos
 SESSIONS_DATA = "redis-sessions-data"
 API_KEYS_ENV = "IVL_GATEWAY_API_KEYS"  # the gateway's own; its first key is the demo's
 CLIENT_KEY_ENV = "IVL_API_KEY"  # what gateway.cli sends
-LOOPBACK_HOSTS = ("localhost", "::1", "ip6-localhost")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
 # Run in each child before it execs its program: ask the kernel to SIGTERM the child when this
@@ -432,22 +432,18 @@ def demo_command(target: str, args: argparse.Namespace) -> list[str]:
 
 def first_api_key(args: argparse.Namespace) -> str:
     """The first key the gateway accepts ('' when it is open), read as the gateway reads them."""
-    from services.common.security import load_api_keys  # grpc only, no torch
+    from services.common.security import load_api_keys, parse_key_entry  # grpc only, no torch
 
     try:
         keys = load_api_keys(str(args.api_keys_file or ""), os.environ.get(API_KEYS_ENV, ""))
     except ValueError as exc:
         raise LaunchError(str(exc)) from exc
-    return keys[0] if keys else ""
+    return parse_key_entry(keys[0])[1] if keys else ""
 
 
 def demo_env(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
     key = first_api_key(args)
     return {**env, CLIENT_KEY_ENV: key} if key and not env.get(CLIENT_KEY_ENV) else env
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 def _python_for_humans() -> str:
@@ -515,9 +511,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if not 0 <= getattr(args, flag) <= 65535:
             p.error(f"--{flag.replace('_', '-')} must be in [0, 65535]")
     keys = bool(args.api_keys_file or os.environ.get(API_KEYS_ENV))
-    if not is_loopback(args.host) and not keys and not args.insecure_open:
+    if not is_loopback_host(args.host) and not keys:
         p.error(f"--host {args.host} serves beyond this machine: give the gateway API keys (--api-keys-file or "
-                f"{API_KEYS_ENV}), or --insecure-open on a trusted network")
+                f"{API_KEYS_ENV}); an open gateway (--insecure-open) binds loopback only")
     if args.insecure_open and keys:
         p.error(f"--insecure-open contradicts the API keys given (--api-keys-file or {API_KEYS_ENV})")
     if args.api_keys_file is not None and not args.api_keys_file.is_file():

@@ -173,10 +173,12 @@ CONFIG_SOURCES = {
 
 
 def parse_config(service: str, env: dict[str, Any]) -> Any:
-    # The API keys file is left out (it does not exist here), so the gateway is told it is open.
-    argv = ["--insecure-open"] if service == "gateway" else ["--model", env.get("IVL_MODEL", "m")]
+    # The API keys file is left out (it does not exist here), so the gateway gets a key from the
+    # environment (not --insecure-open: the manifests bind 0.0.0.0, which an open gateway refuses).
+    argv = [] if service == "gateway" else ["--model", env.get("IVL_MODEL", "m")]
+    extra = {"IVL_GATEWAY_API_KEYS": "manifest-check:not-a-real-key"} if service == "gateway" else {}
     try:
-        return config_class(service).from_args(argv, env=plain_env(env))
+        return config_class(service).from_args(argv, env={**plain_env(env), **extra})
     except SystemExit:
         pytest.fail(f"the {service}'s flag parser rejected the manifest's settings {plain_env(env)}", pytrace=False)
 

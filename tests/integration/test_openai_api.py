@@ -343,8 +343,9 @@ def test_request_ids_come_back(stack):
     raw = stack.client().chat.completions.with_raw_response.create(
         model=model_id(stack), messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
         extra_headers={"x-request-id": "req-openai-1"})
-    assert raw.headers["x-request-id"] == "req-openai-1"
-    assert raw.parse().id == "chatcmpl-req-openai-1"
+    returned = raw.headers["x-request-id"]
+    assert returned.startswith("req-openai-1.")  # the client's id, made unique per call (issue 16)
+    assert raw.parse().id == f"chatcmpl-{returned}"
 
 
 # ---------------------------------------------------------------------------------------------- errors

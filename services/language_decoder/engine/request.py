@@ -58,7 +58,8 @@ class EngineRequest:
     tokens take image i's rows (spans are ordered and their lengths sum to n_ctx; `find_image_spans`
     finds them). `image_hashes[i]` identifies image i's content for prefix reuse (e.g. the sha256 of
     the image bytes + tiling settings); two images with the same token span but different hashes never
-    share KV. Hashes may be omitted: the embedding bytes are hashed instead.
+    share KV. Hashes may be omitted: the embedding bytes are hashed instead. `cache_salt` (one per
+    tenant, from the gateway) keeps one salt's prompts from ever reusing another's KV.
     """
 
     request_id: str
@@ -67,6 +68,7 @@ class EngineRequest:
     image_embeds: Tensor | None = None
     image_spans: Sequence[tuple[int, int]] = ()
     image_hashes: Sequence[str | bytes] = ()
+    cache_salt: bytes = b""  # seeds the prefix-cache hash chain: different salts never share KV
 
 
 @dataclass(frozen=True)

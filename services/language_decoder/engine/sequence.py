@@ -53,6 +53,7 @@ class Sequence:
         self.detok: OutputText | None = None
         self._set_images(request)
         self._block_hashes: list[bytes] = []
+        self._cache_salt = bytes(request.cache_salt)
 
     # ------------------------------------------------------------------ images
 
@@ -133,16 +134,18 @@ class Sequence:
     def block_hash(self, i: int) -> bytes:
         """Content key of full block i: a chain over every earlier block's tokens and images.
 
-        Covers the block's token ids and, for each image whose span overlaps it, the image's content
-        hash and span: every image is the same `<IMG_CONTEXT>` run, so ids alone would let two
-        different images share KV.
+        Seeded with the request's cache salt; covers the block's token ids and, for each image whose
+        span overlaps it, the image's content hash and span: every image is the same `<IMG_CONTEXT>`
+        run, so ids alone would let two different images share KV.
         """
         while len(self._block_hashes) <= i:
             j = len(self._block_hashes)
             start, end = j * self.block_size, (j + 1) * self.block_size
             if end > self.num_tokens:
                 raise IndexError(f"block {j} is not full")
-            h = hashlib.sha256(self._block_hashes[-1] if self._block_hashes else b"")
+            # The chain starts from the request's salt (b"" = the shared cache): no block hash of one
+            # salt equals one of another, so prefix reuse never crosses tenants.
+            h = hashlib.sha256(self._block_hashes[-1] if self._block_hashes else self._cache_salt)
             h.update(array("q", self.token_ids[start:end]).tobytes())
             for (s, e), image_hash in zip(self.image_spans, self.image_hashes, strict=True):
                 if s < end and e > start:
