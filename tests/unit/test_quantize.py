@@ -61,8 +61,12 @@ def test_int8_linear_equals_the_dequantised_linear_fp32(bias: bool) -> None:
 
 
 def test_cpu_int8_kernel_serves_bf16_and_matches_the_dequantised_linear() -> None:
-    if not _cpu_int8_kernel_ok(torch.bfloat16):
-        pytest.skip(f"torch {torch.__version__} has no working aten._weight_int8pack_mm for bf16 on this CPU")
+    # Skipped only where the kernel cannot exist (not in this torch build, or no bf16 on this CPU); where it
+    # can, the product's own check must accept it, so a broken check fails here instead of silently falling back.
+    if getattr(torch.ops.aten, "_weight_int8pack_mm", None) is None or not (
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip(f"torch {torch.__version__} on this CPU has no aten._weight_int8pack_mm for bf16")
+    assert _cpu_int8_kernel_ok(torch.bfloat16), "the int8 CPU kernel exists here but the check refuses it"
     torch.manual_seed(1)
     linear = nn.Linear(64, 32, bias=False)
     layer = Int8Linear.from_linear(linear, torch.bfloat16)
