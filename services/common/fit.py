@@ -77,7 +77,7 @@ def encoder_activation_bytes(vision: VisionConfig, tiles: int, dtype_bytes: int)
 def usable_bytes(free: int, total: int, utilization: float) -> int:
     """What one process may take of a GPU: the free memory, less the (1 - utilization) share of the card
     left for others (the decoder engine sizes its KV cache by the same rule)."""
-    return free - int((1.0 - utilization) * total)
+    return free - round((1.0 - utilization) * total)
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,18 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def check_fits(need: Need, memory: DeviceMemory | None, advice: Sequence[str]) -> None:
-    """Raise `ModelDoesNotFit` when `need` exceeds what `memory` offers; None = a device not checked."""
+def check_fits(need: Need, memory: DeviceMemory | None, advice: Sequence[str], note: str = "") -> None:
+    """Raise `ModelDoesNotFit` when `need` exceeds what `memory` offers; None = a device not checked.
+
+    `advice`: the ways out, most useful first; `note`: a last sentence (e.g. what is not supported yet).
+    """
     if memory is None or need.fits(memory):
         return
     parts = " + ".join(f"{gib(n)} {label}" for label, n in need.parts)
     raise ModelDoesNotFit(
         f"{need.what} does not fit {memory.device}: it needs {gib(need.total)} ({parts}), the device has "
         f"{gib(memory.usable)} usable ({gib(memory.free)} free of {gib(memory.total)}; {memory.source}). "
-        "To serve it: " + "; or ".join(advice) + "."
+        "To serve it: " + "; or ".join(advice) + "." + (f" {note}" if note else "")
     )
 
 

@@ -62,23 +62,24 @@ def check_decoder_fits(config: DecoderConfig, model_config: InternVLConfig, devi
     need = decoder_start_need(config, model_config, device, dtype, config.quantize)
     if memory is None or need.fits(memory):
         return need
+    dtype_name = DTYPE_NAMES[TORCH_TO_WIRE[dtype]]
+    on_cpu = torch.device(device).type == "cpu"
     advice = []
     if config.quantize == NO_QUANTIZATION:
         int8 = decoder_start_need(config, model_config, device, dtype, INT8)
         verdict = "which fits" if int8.fits(memory) else "still too much"
         advice.append(f"--quantize int8 (int8 decoder-block weights: {gib(int8.total)} in all, {verdict})")
-    if DTYPE_NAMES[TORCH_TO_WIRE[dtype]] == "fp32":
+    if dtype_name == "fp32":
         advice.append("--dtype bf16 (half the bytes of fp32)")
-    if torch.device(device).type == "cpu":
-        if not config.no_cpu_prepacked_weights:
-            advice.append("--no-cpu-prepacked-weights (no second fp32 copy of the weights)")
+    if on_cpu and not config.no_cpu_prepacked_weights:
+        advice.append("--no-cpu-prepacked-weights (no second fp32 copy of the weights)")
+    if on_cpu:
         advice.append(f"a machine with {gib(need.total)} of free RAM, or a GPU")
     else:
         advice.append(f"a GPU with {gib(need.total)} usable (see --gpu-memory-utilization)")
-    advice.append("a smaller --max-model-len / --num-kv-blocks / --cpu-kv-cache-mib (the KV cache takes "
-                  f"{kv_bytes_per_token(model_config.llm, DTYPE_BYTES[DTYPE_NAMES[TORCH_TO_WIRE[dtype]]])} "
-                  "bytes per token)")
-    advice.append("several GPUs: splitting one language model across GPUs (tensor parallelism) is not "
-                  "supported yet")
-    check_fits(need, memory, advice)
+    kv_flags = "--cpu-kv-cache-mib or --num-kv-blocks" if on_cpu else "--max-model-len or --num-kv-blocks"
+    per_token = kv_bytes_per_token(model_config.llm, DTYPE_BYTES[dtype_name])
+    advice.append(f"a smaller {kv_flags} (the KV cache takes {per_token} bytes per token)")
+    check_fits(need, memory, advice,
+               "Splitting one language model across several GPUs (tensor parallelism) is not supported yet.")
     return need

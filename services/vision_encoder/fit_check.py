@@ -30,5 +30,5 @@ def check_encoder_fits(config: EncoderConfig, model_config: InternVLConfig, devi
     advice.append("a smaller --max-batch-tiles (activations grow with the tiles of a batch)")
     where = "a machine with more free RAM, or a GPU" if torch.device(device).type == "cpu" else "a GPU"
     advice.append(f"{where} with {gib(need.total)} usable")
-    check_fits(need, memory, advice)
+    check_fits(need, memory, advice, "Splitting the tower across several GPUs is not supported yet.")
     return need
