@@ -71,7 +71,7 @@ def check_decoder_fits(config: DecoderConfig, model_config: InternVLConfig, devi
         advice.append(f"--quantize int8 (int8 decoder-block weights: {gib(int8.total)} in all, {verdict})")
     if dtype_name == "fp32":
         advice.append("--dtype bf16 (half the bytes of fp32)")
-    if on_cpu and not config.no_cpu_prepacked_weights:
+    if on_cpu and dtype_name == "fp32" and not config.no_cpu_prepacked_weights:
         advice.append("--no-cpu-prepacked-weights (no second fp32 copy of the weights)")
     if on_cpu:
         advice.append(f"a machine with {gib(need.total)} of free RAM, or a GPU")
