@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from internvl.v1 import decoder_pb2_grpc
 from services.common.checkpoint import CheckpointError
 from services.common.engine_health import EngineHealthCollector
+from services.common.fit import ModelDoesNotFit
 from services.common.logging import configure_logging
 from services.common.metrics import DecoderCollector
 from services.common.security import SecurityConfigError
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(config.torch_threads)
     log.info("starting language decoder: %s", config)
-    return run_process("language decoder", serve(config), (CheckpointError, SecurityConfigError))
+    return run_process("language decoder", serve(config), (CheckpointError, SecurityConfigError, ModelDoesNotFit))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ import torch
 
 from internvl.v1 import decoder_pb2, decoder_pb2_grpc
 from services.common.checkpoint import parse_dtype, resolve_model_dir
+from services.common.device_memory import device_memory
 from services.common.engine_health import EngineHealth
 from services.common.fingerprint import model_fingerprint
+from services.common.fit import DeviceMemory
 from services.common.limits import MAX_CACHE_SALT_CHARS, MAX_STOP_TOKEN_IDS, proto_sampling_problem
 from services.common.model_config import InternVLConfig
 from services.common.quantization import INT8, NO_QUANTIZATION
@@ -48,6 +50,7 @@ from services.language_decoder.engine import (
     SamplingParams,
     find_image_spans,
 )
+from services.language_decoder.fit_check import check_decoder_fits
 from services.language_decoder.model import load_language_model
 from services.language_decoder.prompt import (
     IMAGE_PLACEHOLDER,
@@ -94,12 +97,18 @@ class DecoderRuntime:
         return get_template(self.model_config.template)
 
     @classmethod
-    def load(cls, config: DecoderConfig) -> DecoderRuntime:
-        """Blocking: run it in a worker thread while health is NOT_SERVING."""
+    def load(cls, config: DecoderConfig, memory: DeviceMemory | None = None) -> DecoderRuntime:
+        """Blocking: run it in a worker thread while health is NOT_SERVING.
+
+        Refuses (`ModelDoesNotFit`) before reading any weight when the model cannot fit the device;
+        `memory` stands for the device's (default: measured, services/common/device_memory.py).
+        """
         device = config.resolved_device()
         dtype = parse_dtype(config.dtype, device)
         root = resolve_model_dir(config.model)
         started = time.monotonic()
+        memory = memory or device_memory(device, config.gpu_memory_utilization)
+        check_decoder_fits(config, InternVLConfig.from_dir(root), device, dtype, memory)
         model = load_language_model(root, device=device, dtype=dtype, quantize=config.quantize)
         held = weight_bytes(model)
         tokenizer = load_tokenizer(root)

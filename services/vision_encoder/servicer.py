@@ -33,14 +33,17 @@ from PIL import Image, UnidentifiedImageError
 
 from internvl.v1 import tensor_pb2, vision_pb2, vision_pb2_grpc
 from services.common.checkpoint import parse_dtype, resolve_model_dir
+from services.common.device_memory import device_memory
 from services.common.engine_health import EngineHealth, EngineHealthConfig
 from services.common.fingerprint import model_fingerprint
+from services.common.fit import DeviceMemory
 from services.common.limits import DEFAULT_VIDEO_MAX_TILES, resolve_tiling
 from services.common.model_config import InternVLConfig
 from services.common.tensors import TORCH_TO_WIRE, tensor_to_wire
 from services.common.wire import DTYPE_NAMES, ITEMSIZE, iter_chunks
 from services.vision_encoder.batcher import Batcher, BatcherClosed, ForwardFn, Overloaded, TooLarge
 from services.vision_encoder.config import EncoderConfig
+from services.vision_encoder.fit_check import check_encoder_fits
 from services.vision_encoder.model import load_vision_encoder
 from services.vision_encoder.preprocess import (
     FrameTooLarge,
@@ -82,12 +85,17 @@ class ModelRuntime:
     health: EngineHealth = field(default_factory=lambda: EngineHealth(EngineHealthConfig(), ENGINE_STEP))
 
     @classmethod
-    def load(cls, config: EncoderConfig) -> ModelRuntime:
-        """Blocking (seconds to minutes): run it in a worker thread while health is NOT_SERVING."""
+    def load(cls, config: EncoderConfig, memory: DeviceMemory | None = None) -> ModelRuntime:
+        """Blocking (seconds to minutes): run it in a worker thread while health is NOT_SERVING.
+
+        Refuses (`ModelDoesNotFit`) before reading any weight when the tower cannot fit the device;
+        `memory` stands for the device's (default: measured, services/common/device_memory.py).
+        """
         device = config.resolved_device()
         dtype = parse_dtype(config.dtype, device)
         root = resolve_model_dir(config.model)
         started = time.monotonic()
+        check_encoder_fits(config, InternVLConfig.from_dir(root), device, dtype, memory or device_memory(device))
         encoder = load_vision_encoder(root, device=device, dtype=dtype)
         wire_dtype = TORCH_TO_WIRE[dtype]
         fingerprint = model_fingerprint(root, DTYPE_NAMES[wire_dtype])

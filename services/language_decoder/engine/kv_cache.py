@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from services.common.fit import kv_bytes_per_token, usable_bytes
 from services.common.model_config import LLMConfig
 
 from .config import EngineConfig
@@ -12,8 +13,7 @@ from .config import EngineConfig
 
 def bytes_per_block(llm: LLMConfig, block_size: int, dtype: torch.dtype) -> int:
     """K and V of `block_size` tokens in every layer (128 KiB per token for InternVL2-8B in bf16)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * llm.num_hidden_layers * block_size * llm.num_key_value_heads * llm.head_dim * itemsize
+    return block_size * kv_bytes_per_token(llm, torch.empty((), dtype=dtype).element_size())
 
 
 def num_kv_blocks(config: EngineConfig, llm: LLMConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -26,8 +26,7 @@ def num_kv_blocks(config: EngineConfig, llm: LLMConfig, dtype: torch.dtype, devi
         if budget is None and device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             # Keep (1 - utilization) of the card for others, plus room for this process's activations.
-            budget = free - int((1.0 - config.gpu_memory_utilization) * total)
-            budget -= config.gpu_activation_reserve_bytes
+            budget = usable_bytes(free, total, config.gpu_memory_utilization) - config.gpu_activation_reserve_bytes
         elif budget is None:
             budget = config.cpu_kv_cache_bytes
         blocks = budget // per_block
