@@ -44,11 +44,15 @@ class Group:
 
 GROUPS = {
     # Tiling plus the rest of preprocessing (image opening, video frame sampling and its size checks).
-    "tiling": Group(("services/vision_encoder/preprocess.py",),
-                    ("tests/unit/test_tiling.py", "tests/unit/test_input_limits.py", "tests/parity/test_preprocess.py")),
-    "template": Group(("services/language_decoder/prompt.py",),
-                      ("tests/unit/test_template.py", "tests/unit/test_family_templates.py",
-                       "tests/parity/test_prompts.py")),
+    "tiling": Group(
+        ("services/vision_encoder/preprocess.py",),
+        ("tests/unit/test_tiling.py", "tests/unit/test_input_limits.py", "tests/parity/test_preprocess.py"),
+    ),
+    "template": Group(
+        ("services/language_decoder/prompt.py",),
+        ("tests/unit/test_template.py", "tests/unit/test_template_rules.py", "tests/unit/test_family_templates.py",
+         "tests/parity/test_prompts.py"),
+    ),
     # The warpers (sampling.py) and the engine's batched sampler; generate()'s loop needs a model per
     # test run (minutes per mutant here): the engine and parity tests cover it.
     "sampler": Group(

@@ -100,12 +100,14 @@ def get_template(name: str) -> ChatTemplate:
 
 
 def render_conversation(
-    system: str,
+    system: str | None,
     history: Sequence[tuple[str, str]] | None,
     question: str,
     template: ChatTemplate = INTERNLM2_CHAT,
 ) -> str:
-    """The prompt text before image expansion: system turn, earlier turns, the question, open answer."""
+    """The prompt text before image expansion: system turn, earlier turns, the question, open answer.
+
+    `system` None is the template's own system message."""
     user, assistant = template.roles
     messages: list[tuple[str, str | None]] = []
     for old_question, old_answer in history or ():
@@ -178,8 +180,7 @@ def build_chat_prompt(
     # placeholder count no longer matches and expansion fails, as upstream's generate() would).
     if history is None and has_images and IMAGE_PLACEHOLDER not in question:
         question = IMAGE_PLACEHOLDER + "\n" + question
-    system = template.system_message if system_message is None else system_message
-    prompt = render_conversation(system, history, question, template)
+    prompt = render_conversation(system_message, history, question, template)
     # Without pixel values upstream's loop over num_patches_list is empty: a literal "<image>" in a
     # text-only prompt (or in its history) stays text.
     if has_images:
@@ -203,12 +204,11 @@ def build_batch_prompts(
     """
     if num_patches_list is not None and len(num_patches_list) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(num_patches_list)} tile counts")
-    system = template.system_message if system_message is None else system_message
     prompts = []
     for i, question in enumerate(questions):
         if num_patches_list is not None and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question
-        prompt = render_conversation(system, None, question, template)
+        prompt = render_conversation(system_message, None, question, template)
         if num_patches_list is not None:
             prompt = expand_image_placeholders(prompt, [num_patches_list[i]], num_image_token)
         prompts.append(prompt)
