@@ -380,8 +380,8 @@ class ChatCore:
             cache_salt=self.cache_scope(ctx),  # text-only prefixes too: the feature keys cover images only
         )
         sizes = self._image_sizes(request.turn)
-        lazy = bool(slots) and (await self._call_peer("language decoder",
-                                                        self.decoder.model_info(ctx.timeout_s))).lazy_images
+        lazy = bool(slots) and self.config.lazy_images and (
+            await self._call_peer("language decoder", self.decoder.model_info(ctx.timeout_s))).lazy_images
         call = decoder_exchange.generate(self.decoder, setup, slots, lazy=lazy, stats=self.transfer,
                                          timeout=ctx.timeout_s, metadata=ctx.peer_metadata())
         answer: list[str] = []
