@@ -151,3 +151,52 @@ def test_a_hold_given_back_unpins_and_cannot_be_used(model) -> None:
     assert engine.block_manager.num_pinned_blocks == 0
     with pytest.raises(ValueError, match="already used or released"):
         engine.add_request(EngineRequest("b", prompt, prefix_hold=hold))
+
+
+def test_async_engine_holds_and_gives_back_on_the_engine_thread(model) -> None:
+    """Through AsyncEngine: a hold passed on with its request is released when the request ends; one
+    given back is released at once; a request cancelled before admission releases its hold too."""
+    import asyncio
+
+    from services.language_decoder.engine import AsyncEngine
+
+    gen = torch.Generator().manual_seed(13)
+    prompt = random_prompt(gen, 9, 9) + [IMG_CTX] * 16 + random_prompt(gen, 11, 11)
+    spans = find_image_spans(prompt, IMG_CTX)
+    image = torch.randn(16, 32, generator=gen) * 4
+    engine = AsyncEngine(tiny_engine(model, block_size=4, num_kv_blocks=64, max_model_len=64))
+    blocks = engine.engine.block_manager
+    params = SamplingParams(max_new_tokens=4)
+
+    async def drain(request: EngineRequest) -> list[int]:
+        return [t for out in [o async for o in engine.generate(request)] for t in out.token_ids]
+
+    async def scenario() -> None:
+        expected = await drain(EngineRequest("full", prompt, params, image, spans, ["sha-a"]))
+        probe = EngineRequest("probe", prompt, image_spans=spans, image_hashes=["sha-a"], held_images=[0])
+        hold = await engine.hold_prefix(probe)
+        assert hold.held_images == (0,) and blocks.num_pinned_blocks == len(hold.blocks) > 0
+        lazy = EngineRequest("lazy", prompt, params, None, spans, ["sha-a"], held_images=[0], prefix_hold=hold)
+        assert await drain(lazy) == expected
+        assert blocks.num_pinned_blocks == 0  # released with the request
+
+        given_back = await engine.hold_prefix(probe)
+        engine.release_hold(given_back)
+        cancelled = await engine.hold_prefix(probe)
+        stream = engine.generate(EngineRequest("gone", prompt, params, None, spans, ["sha-a"], held_images=[0],
+                                               prefix_hold=cancelled))
+        task = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)  # the request is submitted ...
+        task.cancel()  # ... and its caller goes away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await stream.aclose()
+        # The engine thread settles the releases before its next request: one more round trip.
+        await drain(EngineRequest("after", prompt, params, image, spans, ["sha-a"]))
+        assert blocks.num_pinned_blocks == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.close()
+    blocks.check_invariants([])
