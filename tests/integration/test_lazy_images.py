@@ -169,6 +169,53 @@ def test_four_turn_session_moves_no_history_bytes(stack: Stack) -> None:
     assert sent == 4 * size[first_image] + 2 * size[second_image]  # every image, every turn
 
 
+def encodes(stack: Stack) -> float:
+    return stack.encoder.metrics().rpc(ENCODER, "Encode", "OK")
+
+
+def test_a_video_with_evicted_frames_is_encoded_once(stack: Stack) -> None:
+    """Frame 0 still cached, every other frame evicted: one encoder call for the video, not one per frame."""
+    import hashlib
+
+    import redis as redis_py
+
+    from gateway.config import GatewayConfig
+    from gateway.core import ChatCore, RequestContext, TilingRequest
+    from gateway.sessions import VideoSampling
+    from internvl.v1 import vision_pb2, vision_pb2_grpc
+    from services.common.limits import DEFAULT_VIDEO_MAX_TILES
+    from tests.integration.observe import wait_for_metrics
+
+    video = KIT.manifest["video"]
+    data = KIT.path(video["file"]).read_bytes()
+    segments, max_tiles = video["load_video_args"]["num_segments"], video["load_video_args"]["max_num"]
+    request = gateway_pb2.ChatRequest(text="Describe the video.",
+                                      generation=decoder_pb2.SamplingParams(max_new_tokens=8))
+    request.video.data, request.video.num_segments, request.tiling.max_tiles = data, segments, max_tiles
+
+    def count_after(expected: float) -> float:
+        port = stack.encoder.metrics_port
+        return wait_for_metrics(port, lambda m: m.rpc(ENCODER, "Encode", "OK") >= expected).rpc(
+            ENCODER, "Encode", "OK")
+
+    before = encodes(stack)
+    first = stack.lazy.stub.Chat(request, timeout=300).text
+    assert count_after(before + 1) == before + 1
+    # The keys the gateway gave the frames (open mode: the anonymous tenant's scope).
+    with grpc.insecure_channel(stack.encoder.process.address) as channel:
+        info = vision_pb2_grpc.VisionEncoderStub(channel).GetModelInfo(vision_pb2.GetModelInfoRequest(), timeout=30)
+    core = ChatCore(GatewayConfig.from_args(["--insecure-open"], env={}), None, None, None, None)
+    scope = core.cache_scope(RequestContext(timeout_s=1.0))
+    tiling = ChatCore._tiling(TilingRequest(max_tiles=max_tiles), info, DEFAULT_VIDEO_MAX_TILES)
+    keys = [ChatCore._frame_key(hashlib.sha256(data).hexdigest(), i, VideoSampling(segments, None, None), tiling,
+                                info, scope) for i in range(segments)]
+    with redis_py.Redis.from_url(stack.redis.url) as client:
+        assert client.exists(*keys) == segments
+        assert client.delete(*keys[1:]) == segments - 1
+    assert stack.lazy.stub.Chat(request, timeout=300).text == first
+    assert count_after(before + 2) == before + 2
+
+
 # ------------------------------------------------------------------------------ the eviction race
 
 
