@@ -4,7 +4,7 @@ and decoder replicas, both thin fronts over one turn core (gateway/core.py) in o
 Every call but health, reflection and the HTTP API's docs needs `authorization: Bearer <key>` (see
 gateway/config.py), unless the gateway was started with `--insecure-open`. The HTTP API listens on
 `--http-port` (default 8000; 0 = off) with the gRPC server's TLS certificates. Prometheus metrics
-(RPCs, `ivl_gateway_*` feature cache) are on `--metrics-port` (default 9101). SIGTERM drains
+(RPCs, `ivl_gateway_*` feature cache and embedding bytes per hop) are on `--metrics-port` (default 9101). SIGTERM drains
 in-flight calls for `--grace-seconds` and exits 0.
 """
 
@@ -24,6 +24,7 @@ from gateway.peers import DecoderClient, EncoderClient
 from gateway.redis_connect import prepare, redis_client
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
+from gateway.transfer_stats import TransferCollector
 from internvl.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.interceptors import ApiKeyInterceptor
 from services.common.logging import configure_logging
@@ -78,7 +79,9 @@ async def run(config: GatewayConfig) -> None:
     server = GrpcServer(config.server, [Service(name, gateway_pb2_grpc.add_GatewayServicer_to_server,
                                                 GatewayServicer(core))],
                         interceptors=[ApiKeyInterceptor(keys)] if keys else [],
-                        collectors=[FeatureCacheCollector(lambda: cache)], unique_request_ids=True)
+                        collectors=[FeatureCacheCollector(lambda: cache),
+                                    TransferCollector(core.transfer, lambda: cache)],
+                        unique_request_ids=True)
     http = None
     if config.http.port:
         probes = [("vision encoder", _grpc_probe(encoder.channel)), ("language decoder", _grpc_probe(decoder.channel)),

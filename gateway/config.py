@@ -78,6 +78,9 @@ class GatewayConfig:
     insecure_open: bool = False
     # Off: the feature cache and the decoder's prefix cache are per tenant (ChatCore.cache_scope).
     share_caches_across_tenants: bool = False
+    # On: images go to the decoder only when it asks for them (decoder.proto, lazy_images); off: every
+    # image's bytes with every turn, as before (a comparison baseline for tests and benchmarks).
+    lazy_images: bool = True
     peer_tls: ClientTls | None = None  # TLS (and client certificates) towards encoders and decoders
     redis_tls_ca: str = ""
     log_level: str = "INFO"
@@ -172,6 +175,8 @@ class GatewayConfig:
         flags.add_switch("--share-caches-across-tenants", "one feature cache and decoder prefix cache for all API "
                          "keys: more hits, but a tenant can tell from cached_prompt_tokens and latency what "
                          "others sent (single-tenant deployments)")
+        flags.add_switch("--no-lazy-images", "send every image's embeddings with every turn, even those whose KV "
+                         "the decoder holds (the behaviour before the lazy-images conversation; for comparisons)")
         flags.add("--tls-cert", str, "PEM certificate chain: serve TLS (with --tls-key)", default="")
         flags.add("--tls-key", str, "PEM private key of --tls-cert", default="")
         flags.add("--tls-ca", str, "PEM CA bundle: require client certificates it signed (mutual TLS)", default="")
@@ -230,6 +235,7 @@ class GatewayConfig:
                 api_keys=keys,
                 insecure_open=a.insecure_open,
                 share_caches_across_tenants=a.share_caches_across_tenants,
+                lazy_images=not a.no_lazy_images,
                 peer_tls=ClientTls.from_flags(a.peer_tls_ca, a.peer_tls_cert, a.peer_tls_key),
                 redis_tls_ca=a.redis_tls_ca,
                 log_level=a.log_level,

@@ -4,11 +4,13 @@ A front turns its request into a `ChatInput` (plain dataclasses), calls `ChatCor
 the `ChatEvent`s it yields into its own messages; a `ChatError` carries an `ErrorKind` that each
 front maps to its own status (gRPC code, HTTP status).
 
-One turn: resolve the history (a stored session, or earlier turns the client sent along), get every
-image's features (feature cache hit, or one encoder call per new image, single-flight per key), send
-the conversation with all image embeddings in placeholder order to a decoder, stream its deltas, and
-store the finished turn in the session before the last event goes out (a client that saw the end can
-rely on the turn being in the session).
+One turn: resolve the history (a stored session, or earlier turns the client sent along), get the new
+images' features (feature cache hit, or one encoder call per new image, single-flight per key; a
+video encoded at most once), send the conversation to a decoder with the embeddings it asks for (the
+lazy-images conversation, gateway/decoder_exchange.py: a session's earlier images are loaded, from
+the feature cache or re-encoded, only when the decoder no longer holds their KV), stream its deltas,
+and store the finished turn in the session before the last event goes out (a client that saw the end
+can rely on the turn being in the session).
 
 Failures:
 - a request the client must fix: INVALID_ARGUMENT, checked here before any image is encoded wherever
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from gateway import decoder_exchange
 from gateway.config import GatewayConfig
 from gateway.feature_cache import (
     Entry,
@@ -41,6 +44,7 @@ from gateway.feature_cache import (
     video_frame_key_for_hash,
 )
 from gateway.grounding import GroundingBox, ImageSize, image_size, parse_boxes
+from gateway.image_slots import ImageSlot, SlotMismatch, combine_slots, combined_key
 from gateway.peers import DecoderClient, EncoderClient, PeerProtocolError
 from gateway.placeholders import PlaceholderError, place_images, text_only_problem
 from gateway.sessions import (
@@ -57,6 +61,8 @@ from gateway.sessions import (
     owner_hash,
     session_prefix,
 )
+from gateway.transfer_stats import TransferStats
+from gateway.video_once import VideoEncodes
 from internvl.v1 import decoder_pb2, gateway_pb2, vision_pb2
 from services.common.limits import (
     DEFAULT_VIDEO_MAX_TILES,
@@ -318,6 +324,7 @@ class ChatCore:
         self.decoder = decoder
         self.cache = cache
         self.sessions = sessions
+        self.transfer = TransferStats()  # embedding bytes per hop (gateway/transfer_stats.py)
 
     # ------------------------------------------------------------------ chat
 
@@ -339,13 +346,22 @@ class ChatCore:
         past_questions = [self._question(t.user) for t in request.history]
         question = self._question(request.turn)
 
-        history_blocks: list[_Feature] = []
+        videos = VideoEncodes()
+        try:
+            async for event in self._chat(request, ctx, session, past_questions, question, videos):
+                yield event
+        finally:
+            videos.close()
+
+    async def _chat(self, request: ChatInput, ctx: RequestContext, session: Session | None,
+                    past_questions: list[str], question: str, videos: VideoEncodes) -> AsyncIterator[ChatEvent]:
+        slots: list[ImageSlot] = []
         if session is not None:
-            history_blocks = await self._session_features(session, ctx)
+            slots = await self._session_slots(session, ctx, videos)
         for past in request.history:
-            history_blocks += self._blocks(past.user, await self._turn_media(past.user, ctx))
-        media = await self._turn_media(request.turn, ctx)
-        blocks = history_blocks + self._blocks(request.turn, media)
+            slots += _slots(self._blocks(past.user, await self._turn_media(past.user, ctx, videos)))
+        media = await self._turn_media(request.turn, ctx, videos)
+        slots += _slots(self._blocks(request.turn, media))
 
         if session is not None:
             history = [decoder_pb2.Turn(user=t.user, assistant=t.assistant) for t in session.turns]
@@ -360,13 +376,14 @@ class ChatCore:
         setup = decoder_pb2.GenerateSetup(
             conversation=conversation,
             sampling=request.sampling.proto(),
-            images=[decoder_pb2.ImageDescriptor(num_tiles=f.entry.num_tiles, feature_key=f.key,
-                                                tensor=f.entry.tensor_header()) for f in blocks],
+            images=[slot.descriptor() for slot in slots],
             cache_salt=self.cache_scope(ctx),  # text-only prefixes too: the feature keys cover images only
         )
         sizes = self._image_sizes(request.turn)
-        call = self.decoder.generate(setup, [f.entry for f in blocks], timeout=ctx.timeout_s,
-                                     metadata=ctx.peer_metadata())
+        lazy = bool(slots) and self.config.lazy_images and (
+            await self._call_peer("language decoder", self.decoder.model_info(ctx.timeout_s))).lazy_images
+        call = decoder_exchange.generate(self.decoder, setup, slots, lazy=lazy, stats=self.transfer,
+                                         timeout=ctx.timeout_s, metadata=ctx.peer_metadata())
         answer: list[str] = []
         try:
             async for resp in call:
@@ -386,8 +403,11 @@ class ChatCore:
                 yield ChatEvent(resp.text, end)
         except grpc.aio.AioRpcError as err:
             raise peer_error("language decoder", err) from err
+        except (PeerProtocolError, SlotMismatch) as exc:
+            log.warning("language decoder: %s", exc)
+            raise ChatError(ErrorKind.INTERNAL, f"language decoder: {redact_addresses(str(exc))}") from exc
         finally:
-            call.cancel()  # no-op once finished; stops generation if our client went away
+            await call.aclose()  # cancels the call: stops generation if our client went away
 
     def validate(self, request: ChatInput) -> None:
         """Everything the gateway can check before any work; ChatError(INVALID_ARGUMENT) says what to fix."""
@@ -510,12 +530,12 @@ class ChatCore:
 
     # ------------------------------------------------------------------ features
 
-    async def _turn_media(self, turn: UserTurn, ctx: RequestContext) -> _TurnMedia:
+    async def _turn_media(self, turn: UserTurn, ctx: RequestContext, videos: VideoEncodes) -> _TurnMedia:
         if turn.video is None and not turn.images:
             return _TurnMedia()
         info = await self._call_peer("vision encoder", self.encoder.model_info(ctx.timeout_s))
         if turn.video is not None:
-            return await self._video_media(turn, info, ctx)
+            return await self._video_media(turn, info, ctx, videos)
         return await self._image_media(turn, info, ctx)
 
     async def _image_media(self, turn: UserTurn, info, ctx: RequestContext) -> _TurnMedia:
@@ -533,7 +553,7 @@ class ChatCore:
                 for h, f in zip(hashes, features, strict=True)]
         return _TurnMedia(list(features), refs, dict(zip(hashes, turn.images, strict=True)))
 
-    async def _video_media(self, turn: UserTurn, info, ctx: RequestContext) -> _TurnMedia:
+    async def _video_media(self, turn: UserTurn, info, ctx: RequestContext, videos: VideoEncodes) -> _TurnMedia:
         v = turn.video
         tiling = self._tiling(turn.tiling, info, default_max=DEFAULT_VIDEO_MAX_TILES)
         sampling = VideoSampling(num_segments=v.num_segments or DEFAULT_VIDEO_SEGMENTS,
@@ -541,65 +561,69 @@ class ChatCore:
         video_hash = file_sha256(v.data)
         scope = self.cache_scope(ctx)
         keys = [self._frame_key(video_hash, i, sampling, tiling, info, scope) for i in range(sampling.num_segments)]
-        entries = await self._video_entries(v.data, keys, sampling, tiling, ctx)
+        entries = await self._video_entries(v.data, keys, sampling, tiling, ctx, videos)
         features = [_Feature(k, e) for k, e in zip(keys, entries, strict=True)]
         refs = [ImageRef(video_hash, tiling.max_tiles, tiling.min_tiles, tiling.use_thumbnail, e.num_tiles,
                          video=sampling, frame_index=i) for i, e in enumerate(entries)]
         return _TurnMedia(features, refs, {video_hash: v.data})
 
-    async def _video_entries(self, data, keys, sampling, tiling, ctx) -> list[Entry]:
-        """All frames' features: from the cache when every frame is there, else one encoder call."""
-        encoded: dict[str, Entry] = {}
-
+    async def _video_entries(self, data, keys, sampling, tiling, ctx, videos: VideoEncodes) -> list[Entry]:
+        """All frames' features: from the cache where it has them, the rest from one encoder call."""
         async def encode_all() -> Entry:
-            frames = await self._encode_video(data, sampling, tiling, ctx)
-            if len(frames) != len(keys):
-                raise ChatError(ErrorKind.INTERNAL, f"encoder returned {len(frames)} frames, expected {len(keys)}")
-            encoded.update(zip(keys, frames, strict=True))
+            frames = await self._video_frames(data, keys[0], sampling, tiling, ctx, videos)
             await asyncio.gather(*(self.cache.put(k, e) for k, e in zip(keys[1:], frames[1:], strict=True)))
             return frames[0]
 
         # Single-flight on the first frame's key covers the whole video.
         first = await self._cached(keys[0], encode_all)
-        rest = []
-        for key in keys[1:]:
-            if key in encoded:
-                rest.append(encoded[key])
-            else:
-                rest.append(await self._cached(key, lambda k=key: self._frame_from_video(
-                    data, keys.index(k), sampling, tiling, ctx)))
+        if videos.encoded(keys[0]):  # encoded here: every frame is at hand, no cache round trips
+            return await self._video_frames(data, keys[0], sampling, tiling, ctx, videos)
+        rest = await asyncio.gather(*(
+            self._cached(key, lambda i=i: self._frame_from_video(data, keys[0], i, sampling, tiling, ctx, videos))
+            for i, key in enumerate(keys) if i))
         return [first, *rest]
 
-    async def _session_features(self, session: Session, ctx: RequestContext) -> list[_Feature]:
-        """Features of every image block of earlier turns, re-encoded from stored bytes if evicted."""
-        features: list[_Feature] = []
+    async def _session_slots(self, session: Session, ctx: RequestContext, videos: VideoEncodes) -> list[ImageSlot]:
+        """Every image block of earlier turns, described from the session; loaded (feature cache, else
+        re-encoded from the stored bytes) only when the decoder asks for it."""
         if not any(turn.images for turn in session.turns):
-            return features
+            return []
         info = await self._call_peer("vision encoder", self.encoder.model_info(ctx.timeout_s))
         scope = self.cache_scope(ctx)
+        slots: list[ImageSlot] = []
         for turn in session.turns:
-            turn_features = []
+            turn_slots: list[ImageSlot] = []
             for ref in turn.images:
                 tiling = Tiling(ref.max_tiles, ref.min_tiles, ref.use_thumbnail)
                 if ref.video is not None:
                     key = self._frame_key(ref.content_hash, ref.frame_index, ref.video, tiling, info, scope)
+                    video_key = self._frame_key(ref.content_hash, 0, ref.video, tiling, info, scope)
                 else:
-                    key = self._image_key(ref.content_hash, tiling, info, scope)
-                entry = await self._cached(key, lambda r=ref, t=tiling: self._reencode(session.session_id, r, t, ctx))
-                turn_features.append(_Feature(key, entry))
-            if turn.image_layout == gateway_pb2.IMAGE_LAYOUT_COMBINED and turn.images and turn.images[0].video is None:
-                turn_features = _combine(turn_features)
-            features.extend(turn_features)
-        return features
+                    key, video_key = self._image_key(ref.content_hash, tiling, info, scope), ""
 
-    async def _reencode(self, session_id: str, ref: ImageRef, tiling: Tiling, ctx: RequestContext) -> Entry:
+                async def load(key=key, ref=ref, tiling=tiling, video_key=video_key) -> Entry:
+                    return await self._cached(key, lambda: self._reencode(session.session_id, ref, tiling, video_key,
+                                                                          ctx, videos))
+
+                if ref.num_tiles:
+                    shape = (ref.num_tiles, info.tokens_per_tile, info.hidden_size)
+                    turn_slots.append(ImageSlot(key, info.dtype, shape, load))
+                else:  # a session stored before tiles were recorded: load now to learn the shape
+                    turn_slots.append(ImageSlot.of(key, await load()))
+            if turn.image_layout == gateway_pb2.IMAGE_LAYOUT_COMBINED and turn.images and turn.images[0].video is None:
+                turn_slots = combine_slots(turn_slots)
+            slots.extend(turn_slots)
+        return slots
+
+    async def _reencode(self, session_id: str, ref: ImageRef, tiling: Tiling, video_key: str, ctx: RequestContext,
+                        videos: VideoEncodes) -> Entry:
         data = await self._sessions_call(self.sessions.get_image(session_id, ref.content_hash))
         if data is None:
             raise ChatError(ErrorKind.FAILED_PRECONDITION,
                             f"session {session_prefix(session_id)}: an earlier image's features and bytes are "
                             "both gone")
         if ref.video is not None:
-            return await self._frame_from_video(data, ref.frame_index, ref.video, tiling, ctx)
+            return await self._frame_from_video(data, video_key, ref.frame_index, ref.video, tiling, ctx, videos)
         return await self._encode_image(data, tiling, ctx)
 
     async def _encode_image(self, data: bytes, tiling: Tiling, ctx: RequestContext) -> Entry:
@@ -607,6 +631,7 @@ class ChatCore:
                                        tiling=_tiling_proto(tiling))
         items = await self._call_peer("vision encoder", self.encoder.encode(
             req, timeout=ctx.timeout_s, metadata=ctx.peer_metadata()))
+        self.transfer.encoder_received_bytes += sum(entry.nbytes for _, entry in items)
         return items[0][1]
 
     async def _encode_video(self, data: bytes, sampling: VideoSampling, tiling: Tiling,
@@ -619,10 +644,19 @@ class ChatCore:
         req = vision_pb2.EncodeRequest(video=video, tiling=_tiling_proto(tiling))
         items = await self._call_peer("vision encoder", self.encoder.encode(
             req, timeout=ctx.timeout_s, metadata=ctx.peer_metadata()))
+        self.transfer.encoder_received_bytes += sum(entry.nbytes for _, entry in items)
         return [entry for _, entry in items]
 
-    async def _frame_from_video(self, data, index, sampling, tiling, ctx) -> Entry:
-        return (await self._encode_video(data, sampling, tiling, ctx))[index]
+    async def _video_frames(self, data, video_key, sampling, tiling, ctx, videos: VideoEncodes) -> list[Entry]:
+        """Every sampled frame of a video, encoded at most once per request (`video_key`: frame 0's key)."""
+        frames = await videos.frames(video_key, lambda: self._encode_video(data, sampling, tiling, ctx))
+        if len(frames) != sampling.num_segments:
+            raise ChatError(ErrorKind.INTERNAL,
+                            f"encoder returned {len(frames)} frames, expected {sampling.num_segments}")
+        return frames
+
+    async def _frame_from_video(self, data, video_key, index, sampling, tiling, ctx, videos: VideoEncodes) -> Entry:
+        return (await self._video_frames(data, video_key, sampling, tiling, ctx, videos))[index]
 
     async def _cached(self, key: str, compute: Callable[[], Awaitable[Entry]]) -> Entry:
         return (await self.cache.get_or_compute(key, compute))[0]
@@ -693,5 +727,8 @@ def _combine(features: Sequence[_Feature]) -> list[_Feature]:
     first = features[0].entry
     payload = b"".join(bytes(f.entry.payload) for f in features)
     shape = (sum(f.entry.num_tiles for f in features), *first.shape[1:])
-    key = file_sha256("|".join(f.key for f in features).encode())
-    return [_Feature(key, Entry(first.dtype, shape, payload))]
+    return [_Feature(combined_key([f.key for f in features]), Entry(first.dtype, shape, payload))]
+
+
+def _slots(features: Sequence[_Feature]) -> list[ImageSlot]:
+    return [ImageSlot.of(f.key, f.entry) for f in features]

@@ -138,5 +138,13 @@ class DecoderClient:
 
         return self._stub.Generate(requests(), timeout=timeout, metadata=metadata)
 
+    def open_generate(self, *, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()):
+        """A Generate call to drive with write()/read() (the lazy-images conversation: gateway/decoder_exchange.py)."""
+        return self._stub.Generate(timeout=timeout, metadata=metadata)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self._chunk_bytes
+
     async def close(self) -> None:
         await self.channel.close()

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from internvl.v1 import tensor_pb2 as internvl_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19internvl/v1/decoder.proto\x12\x0binternvl.v1\x1a\x18internvl/v1/tensor.proto\"\'\n\x04Turn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\"t\n\x0c\x43onversation\x12\x1b\n\x0esystem_message\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\"\n\x07history\x18\x02 \x03(\x0b\x32\x11.internvl.v1.Turn\x12\x10\n\x08question\x18\x03 \x01(\tB\x11\n\x0f_system_message\"\x9b\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x11\n\tdo_sample\x18\x02 \x01(\x08\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"d\n\x0fImageDescriptor\x12\x11\n\tnum_tiles\x18\x01 \x01(\x05\x12\x13\n\x0b\x66\x65\x61ture_key\x18\x02 \x01(\t\x12)\n\x06tensor\x18\x03 \x01(\x0b\x32\x19.internvl.v1.TensorHeader\"\xc5\x01\n\rGenerateSetup\x12/\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x19.internvl.v1.Conversation\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.internvl.v1.SamplingParams\x12,\n\x06images\x18\x03 \x03(\x0b\x32\x1c.internvl.v1.ImageDescriptor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\ncache_salt\x18\x05 \x01(\t\"W\n\x0fGenerateRequest\x12+\n\x05setup\x18\x01 \x01(\x0b\x32\x1a.internvl.v1.GenerateSetupH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x88\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.internvl.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.internvl.v1.Usage\"\x14\n\x12\x44\x65\x63oderInfoRequest\"\x88\x02\n\x0b\x44\x65\x63oderInfo\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x05\x12\x17\n\x0ftokens_per_tile\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12!\n\x05\x64type\x18\x05 \x01(\x0e\x32\x12.internvl.v1.DType\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12<\n\x13weight_quantization\x18\x07 \x01(\x0e\x32\x1f.internvl.v1.WeightQuantization\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*u\n\x12WeightQuantization\x12#\n\x1fWEIGHT_QUANTIZATION_UNSPECIFIED\x10\x00\x12\x1c\n\x18WEIGHT_QUANTIZATION_NONE\x10\x01\x12\x1c\n\x18WEIGHT_QUANTIZATION_INT8\x10\x02\x32\xa9\x01\n\x0fLanguageDecoder\x12K\n\x08Generate\x12\x1c.internvl.v1.GenerateRequest\x1a\x1d.internvl.v1.GenerateResponse(\x01\x30\x01\x12I\n\x0cGetModelInfo\x12\x1f.internvl.v1.DecoderInfoRequest\x1a\x18.internvl.v1.DecoderInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19internvl/v1/decoder.proto\x12\x0binternvl.v1\x1a\x18internvl/v1/tensor.proto\"\'\n\x04Turn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\"t\n\x0c\x43onversation\x12\x1b\n\x0esystem_message\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\"\n\x07history\x18\x02 \x03(\x0b\x32\x11.internvl.v1.Turn\x12\x10\n\x08question\x18\x03 \x01(\tB\x11\n\x0f_system_message\"\x9b\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x11\n\tdo_sample\x18\x02 \x01(\x08\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"d\n\x0fImageDescriptor\x12\x11\n\tnum_tiles\x18\x01 \x01(\x05\x12\x13\n\x0b\x66\x65\x61ture_key\x18\x02 \x01(\t\x12)\n\x06tensor\x18\x03 \x01(\x0b\x32\x19.internvl.v1.TensorHeader\"\xda\x01\n\rGenerateSetup\x12/\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x19.internvl.v1.Conversation\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.internvl.v1.SamplingParams\x12,\n\x06images\x18\x03 \x03(\x0b\x32\x1c.internvl.v1.ImageDescriptor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x13\n\x0blazy_images\x18\x06 \x01(\x08\"W\n\x0fGenerateRequest\x12+\n\x05setup\x18\x01 \x01(\x0b\x32\x1a.internvl.v1.GenerateSetupH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"1\n\nNeedImages\x12\x0f\n\x07indices\x18\x01 \x03(\x05\x12\x12\n\nheld_bytes\x18\x02 \x01(\x03\"\xb6\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.internvl.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.internvl.v1.Usage\x12,\n\x0bneed_images\x18\x05 \x01(\x0b\x32\x17.internvl.v1.NeedImages\"\x14\n\x12\x44\x65\x63oderInfoRequest\"\x9d\x02\n\x0b\x44\x65\x63oderInfo\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x05\x12\x17\n\x0ftokens_per_tile\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12!\n\x05\x64type\x18\x05 \x01(\x0e\x32\x12.internvl.v1.DType\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12<\n\x13weight_quantization\x18\x07 \x01(\x0e\x32\x1f.internvl.v1.WeightQuantization\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x03\x12\x13\n\x0blazy_images\x18\n \x01(\x08*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*u\n\x12WeightQuantization\x12#\n\x1fWEIGHT_QUANTIZATION_UNSPECIFIED\x10\x00\x12\x1c\n\x18WEIGHT_QUANTIZATION_NONE\x10\x01\x12\x1c\n\x18WEIGHT_QUANTIZATION_INT8\x10\x02\x32\xa9\x01\n\x0fLanguageDecoder\x12K\n\x08Generate\x12\x1c.internvl.v1.GenerateRequest\x1a\x1d.internvl.v1.GenerateResponse(\x01\x30\x01\x12I\n\x0cGetModelInfo\x12\x1f.internvl.v1.DecoderInfoRequest\x1a\x18.internvl.v1.DecoderInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'internvl.v1.decoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1421
-  _globals['_FINISHREASON']._serialized_end=1516
-  _globals['_WEIGHTQUANTIZATION']._serialized_start=1518
-  _globals['_WEIGHTQUANTIZATION']._serialized_end=1635
+  _globals['_FINISHREASON']._serialized_start=1560
+  _globals['_FINISHREASON']._serialized_end=1655
+  _globals['_WEIGHTQUANTIZATION']._serialized_start=1657
+  _globals['_WEIGHTQUANTIZATION']._serialized_end=1774
   _globals['_TURN']._serialized_start=68
   _globals['_TURN']._serialized_end=107
   _globals['_CONVERSATION']._serialized_start=109
@@ -45,17 +45,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEDESCRIPTOR']._serialized_start=513
   _globals['_IMAGEDESCRIPTOR']._serialized_end=613
   _globals['_GENERATESETUP']._serialized_start=616
-  _globals['_GENERATESETUP']._serialized_end=813
-  _globals['_GENERATEREQUEST']._serialized_start=815
-  _globals['_GENERATEREQUEST']._serialized_end=902
-  _globals['_USAGE']._serialized_start=904
-  _globals['_USAGE']._serialized_end=991
-  _globals['_GENERATERESPONSE']._serialized_start=994
-  _globals['_GENERATERESPONSE']._serialized_end=1130
-  _globals['_DECODERINFOREQUEST']._serialized_start=1132
-  _globals['_DECODERINFOREQUEST']._serialized_end=1152
-  _globals['_DECODERINFO']._serialized_start=1155
-  _globals['_DECODERINFO']._serialized_end=1419
-  _globals['_LANGUAGEDECODER']._serialized_start=1638
-  _globals['_LANGUAGEDECODER']._serialized_end=1807
+  _globals['_GENERATESETUP']._serialized_end=834
+  _globals['_GENERATEREQUEST']._serialized_start=836
+  _globals['_GENERATEREQUEST']._serialized_end=923
+  _globals['_USAGE']._serialized_start=925
+  _globals['_USAGE']._serialized_end=1012
+  _globals['_NEEDIMAGES']._serialized_start=1014
+  _globals['_NEEDIMAGES']._serialized_end=1063
+  _globals['_GENERATERESPONSE']._serialized_start=1066
+  _globals['_GENERATERESPONSE']._serialized_end=1248
+  _globals['_DECODERINFOREQUEST']._serialized_start=1250
+  _globals['_DECODERINFOREQUEST']._serialized_end=1270
+  _globals['_DECODERINFO']._serialized_start=1273
+  _globals['_DECODERINFO']._serialized_end=1558
+  _globals['_LANGUAGEDECODER']._serialized_start=1777
+  _globals['_LANGUAGEDECODER']._serialized_end=1946
 # @@protoc_insertion_point(module_scope)

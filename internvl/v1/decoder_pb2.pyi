@@ -77,18 +77,20 @@ class ImageDescriptor(_message.Message):
     def __init__(self, num_tiles: _Optional[int] = ..., feature_key: _Optional[str] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ...) -> None: ...
 
 class GenerateSetup(_message.Message):
-    __slots__ = ("conversation", "sampling", "images", "request_id", "cache_salt")
+    __slots__ = ("conversation", "sampling", "images", "request_id", "cache_salt", "lazy_images")
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    LAZY_IMAGES_FIELD_NUMBER: _ClassVar[int]
     conversation: Conversation
     sampling: SamplingParams
     images: _containers.RepeatedCompositeFieldContainer[ImageDescriptor]
     request_id: str
     cache_salt: str
-    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageDescriptor, _Mapping]]] = ..., request_id: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    lazy_images: bool
+    def __init__(self, conversation: _Optional[_Union[Conversation, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageDescriptor, _Mapping]]] = ..., request_id: _Optional[str] = ..., cache_salt: _Optional[str] = ..., lazy_images: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("setup", "chunk")
@@ -108,24 +110,34 @@ class Usage(_message.Message):
     cached_prompt_tokens: int
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
+class NeedImages(_message.Message):
+    __slots__ = ("indices", "held_bytes")
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    held_bytes: int
+    def __init__(self, indices: _Optional[_Iterable[int]] = ..., held_bytes: _Optional[int] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "usage")
+    __slots__ = ("text", "token_ids", "finish_reason", "usage", "need_images")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    NEED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
     usage: Usage
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    need_images: NeedImages
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., need_images: _Optional[_Union[NeedImages, _Mapping]] = ...) -> None: ...
 
 class DecoderInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class DecoderInfo(_message.Message):
-    __slots__ = ("fingerprint", "hidden_size", "tokens_per_tile", "max_context", "dtype", "model_name", "weight_quantization", "weight_bytes", "kv_cache_bytes")
+    __slots__ = ("fingerprint", "hidden_size", "tokens_per_tile", "max_context", "dtype", "model_name", "weight_quantization", "weight_bytes", "kv_cache_bytes", "lazy_images")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +147,7 @@ class DecoderInfo(_message.Message):
     WEIGHT_QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAZY_IMAGES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     hidden_size: int
     tokens_per_tile: int
@@ -144,4 +157,5 @@ class DecoderInfo(_message.Message):
     weight_quantization: WeightQuantization
     weight_bytes: int
     kv_cache_bytes: int
-    def __init__(self, fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., model_name: _Optional[str] = ..., weight_quantization: _Optional[_Union[WeightQuantization, str]] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    lazy_images: bool
+    def __init__(self, fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., model_name: _Optional[str] = ..., weight_quantization: _Optional[_Union[WeightQuantization, str]] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., lazy_images: _Optional[bool] = ...) -> None: ...

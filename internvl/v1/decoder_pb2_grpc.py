@@ -53,8 +53,18 @@ class LanguageDecoderServicer:
 
     def Generate(self, request_iterator, context):
         """The first request message carries the conversation and settings; if the conversation has
-        images, each image's embeddings follow as ImageEmbeddingHeader + chunks. The response streams
-        text deltas, then a final message with the finish reason and usage.
+        images, each image's embeddings follow as raw chunks. The response streams text deltas, then a
+        final message with the finish reason and usage.
+
+        Lazy images (GenerateSetup.lazy_images = true; a decoder whose DecoderInfo.lazy_images is true):
+        the client sends the setup alone and waits. The decoder's first response is NeedImages: the
+        indices of the images whose KV it does not hold for this prompt. The client then sends exactly
+        those images' bytes (in the order of `indices`, each as its descriptor's tensor header says) and
+        half-closes; held images cost no transfer. An image is held when every prefix-cache block up to
+        its last position (hashed over the tokens, the images' feature keys and the cache salt) is cached.
+        The decoder pins those blocks when it answers, until the request finishes, so an eviction between
+        the answer and admission can never change or fail the answer. Without lazy_images (older clients)
+        the conversation is exactly as before: every image's bytes follow the setup, no NeedImages.
         Cancelling the call (or its deadline passing) stops generation and frees its memory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

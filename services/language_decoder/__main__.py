@@ -23,6 +23,7 @@ from services.common.security import SecurityConfigError
 from services.common.server import GrpcServer, Service, run_process, serve_until_signal
 from services.language_decoder.config import DecoderConfig
 from services.language_decoder.servicer import SERVICE_NAME, DecoderRuntime, LanguageDecoderServicer
+from services.language_decoder.transfer_stats import TransferCollector
 
 log = logging.getLogger("services.language_decoder")
 
@@ -33,7 +34,8 @@ async def serve(config: DecoderConfig) -> None:
         config.server_config(),
         [Service(SERVICE_NAME, decoder_pb2_grpc.add_LanguageDecoderServicer_to_server, servicer)],
         collectors=[DecoderCollector(lambda: servicer.runtime.engine if servicer.runtime else None),
-                    EngineHealthCollector(lambda: servicer.runtime.health if servicer.runtime else None)],
+                    EngineHealthCollector(lambda: servicer.runtime.health if servicer.runtime else None),
+                    TransferCollector(servicer.transfer)],
     )
 
     async def load() -> None:

@@ -6,6 +6,10 @@ expansion), tokenized, and handed to the engine; the engine's text deltas are st
 upstream's response text (`decode(...).split(template.sep)[0].strip()`). The checkpoint's config names
 the template (`internlm2-chat`, `Hermes-2`, `phi3-chat`); its tokenizer files say which tokenizer.
 
+With `lazy_images` in the setup the decoder first answers NeedImages: the images whose KV its
+prefix cache does not hold for this prompt (the held ones' blocks are pinned until the request
+finishes), and reads only those images' bytes (decoder.proto, Generate).
+
 Status codes: a request the caller must fix (malformed stream, bad shapes, a prompt beyond the
 context, sampling values out of range) is INVALID_ARGUMENT with a message naming what to change,
 checked before any embedding bytes are buffered; a full queue is RESOURCE_EXHAUSTED with a
@@ -61,6 +65,7 @@ from services.language_decoder.prompt import (
 )
 from services.language_decoder.quantize import weight_bytes
 from services.language_decoder.tokenizer_loader import Tokenizer, load_tokenizer, stop_token_id
+from services.language_decoder.transfer_stats import TransferStats
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,22 @@ RETRY_AFTER_MS = "1000"
 
 class BadRequest(ValueError):
     """INVALID_ARGUMENT with this message."""
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """A checked setup: the prompt's ids and image spans, before any embedding bytes."""
+
+    setup: decoder_pb2.GenerateSetup
+    sampling: SamplingParams
+    images: list[decoder_pb2.ImageDescriptor]
+    ids: list[int]
+    spans: list[tuple[int, int]]
+
+    @property
+    def image_hashes(self) -> list[str]:
+        # Without hashes from the caller the engine hashes the embedding bytes itself.
+        return [d.feature_key for d in self.images] if all(d.feature_key for d in self.images) else []
 
 
 @dataclass(frozen=True)
@@ -178,6 +199,7 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
     def __init__(self, config: DecoderConfig):
         self.config = config
         self.runtime: DecoderRuntime | None = None
+        self.transfer = TransferStats()  # embedding bytes received and skipped (metrics)
 
     def attach(self, runtime: DecoderRuntime) -> None:
         self.runtime = runtime
@@ -207,13 +229,14 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
             weight_quantization=WEIGHT_QUANTIZATIONS[rt.quantize],
             weight_bytes=rt.weight_bytes,
             kv_cache_bytes=rt.kv_cache_bytes,
+            lazy_images=True,
         )
 
     async def Generate(self, request_iterator, context) -> AsyncIterator[decoder_pb2.GenerateResponse]:
         rt = await self._runtime(context)
         failure = None
         try:
-            request = await self._read_request(rt, request_iterator)
+            prepared = await self._read_setup(rt, request_iterator)
         except BadRequest as exc:
             failure = (grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception:
@@ -221,6 +244,32 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
             failure = (grpc.StatusCode.INTERNAL, "the decoder failed to read this request; see its logs")
         if failure is not None:  # outside the except blocks: context.abort raises
             await context.abort(*failure)
+        hold = None
+        try:
+            needed = list(range(len(prepared.images)))
+            if prepared.setup.lazy_images:
+                self.transfer.lazy_requests += 1
+                hold = await self._hold_images(rt, prepared)
+                needed = [i for i in needed if i not in hold.held_images]
+                yield decoder_pb2.GenerateResponse(need_images=decoder_pb2.NeedImages(
+                    indices=needed, held_bytes=self.transfer.held(prepared.images, hold.held_images)))
+            try:
+                request = await self._read_request(rt, prepared, request_iterator, needed, hold)
+            except BadRequest as exc:
+                failure = (grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Exception:
+                log.exception("reading a Generate request failed")
+                failure = (grpc.StatusCode.INTERNAL, "the decoder failed to read this request; see its logs")
+            if failure is not None:
+                await context.abort(*failure)
+            async for response in self._generate(rt, request, context):
+                yield response
+        finally:
+            if hold is not None:
+                rt.engine.release_hold(hold)  # a no-op once the engine's sequence took it over
+
+    async def _generate(self, rt: DecoderRuntime, request: EngineRequest,
+                        context) -> AsyncIterator[decoder_pb2.GenerateResponse]:
         text = ResponseText()
         try:
             async for out in rt.engine.generate(request):
@@ -262,7 +311,7 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         return self.runtime
 
-    async def _read_request(self, rt: DecoderRuntime, request_iterator) -> EngineRequest:
+    async def _read_setup(self, rt: DecoderRuntime, request_iterator) -> _Setup:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("setup"):
             raise BadRequest("the first message must carry the setup (conversation, sampling, images)")
@@ -286,20 +335,45 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
         if len(ids) >= rt.max_model_len:
             raise BadRequest(f"the prompt is {len(ids)} tokens; this decoder's context is {rt.max_model_len} "
                              "(prompt + answer): use fewer or smaller images, or a shorter history")
-        embeds = await self._read_embeddings(rt, images, request_iterator)
         spans = find_image_spans(ids, rt.tokenizer.img_context_id)
         # An image block is exactly one run of <IMG_CONTEXT>, so spans and images correspond one to one.
         if len(spans) != len(images):
             raise BadRequest("the text contains <IMG_CONTEXT> tokens of its own")
+        return _Setup(setup, sampling, images, ids, spans)
+
+    async def _hold_images(self, rt: DecoderRuntime, prepared: _Setup):
+        """Pin the prompt's cached prefix; the hold names the images whose KV it covers."""
+        hashes = prepared.image_hashes
+        probe = EngineRequest(
+            request_id=prepared.setup.request_id or "lazy-images-probe",
+            prompt_token_ids=prepared.ids,
+            image_spans=prepared.spans,
+            # Images without a feature key are never held: nothing names their content but their bytes.
+            image_hashes=hashes or [f"unnamed-{uuid.uuid4().hex}" for _ in prepared.images],
+            held_images=range(len(prepared.images)),
+            cache_salt=prepared.setup.cache_salt.encode(),
+        )
+        hold = await rt.engine.hold_prefix(probe)
+        if not hashes:
+            hold.held_images = ()
+        return hold
+
+    async def _read_request(self, rt: DecoderRuntime, prepared: _Setup, request_iterator, needed: list[int],
+                            hold) -> EngineRequest:
+        """The engine request, with the embeddings of the `needed` images read from the stream."""
+        embeds = await self._read_embeddings(rt, [prepared.images[i] for i in needed], request_iterator)
+        held = [i for i in range(len(prepared.images)) if i not in set(needed)]
+        self.transfer.record(prepared.images, needed, held)
         return EngineRequest(
-            request_id=setup.request_id or uuid.uuid4().hex,
-            prompt_token_ids=ids,
-            sampling=sampling,
+            request_id=prepared.setup.request_id or uuid.uuid4().hex,
+            prompt_token_ids=prepared.ids,
+            sampling=prepared.sampling,
             image_embeds=embeds,
-            image_spans=spans,
-            # Without hashes from the caller the engine hashes the embedding bytes itself.
-            image_hashes=[d.feature_key for d in images] if all(d.feature_key for d in images) else (),
-            cache_salt=setup.cache_salt.encode(),
+            image_spans=prepared.spans,
+            image_hashes=prepared.image_hashes,
+            cache_salt=prepared.setup.cache_salt.encode(),
+            held_images=held,
+            prefix_hold=hold,
         )
 
     def _sampling(self, rt: DecoderRuntime, p: decoder_pb2.SamplingParams) -> SamplingParams:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from .engine import LLMEngine
 from .errors import EngineClosed, QueueFull, RequestFailed
-from .request import EngineOutput, EngineRequest
+from .request import EngineOutput, EngineRequest, PrefixHold
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,11 @@ class AsyncEngine:
         self._on_step = on_step  # told after each step whether its model call worked (engine health)
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._new: list[Sequence] = []
+        self._new: list[tuple[Sequence, PrefixHold | None]] = []
         self._aborts: list[str] = []
+        # Work for the engine thread besides sequences: (function of the engine, loop, future or None).
+        self._calls: list[tuple[Callable[[LLMEngine], object], asyncio.AbstractEventLoop | None,
+                                asyncio.Future | None]] = []
         # request id -> (its sequence, the caller's loop, its queue). Outputs are matched by sequence,
         # not only by id: an id may be reused while the old sequence's last step is still running.
         self._streams: dict[str, tuple[Sequence, asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -57,7 +60,7 @@ class AsyncEngine:
                 raise QueueFull(
                     f"the decoder queue is full ({self.engine.config.max_queue_size} requests waiting)"
                 )
-            self._new.append(seq)
+            self._new.append((seq, request.prefix_hold))
             self._streams[rid] = (seq, loop, queue)
             self._start_locked()
         self._wake.set()
@@ -84,6 +87,29 @@ class AsyncEngine:
                         self._aborts.append(rid)
                 self._wake.set()
 
+    async def hold_prefix(self, request: EngineRequest) -> PrefixHold:
+        """`LLMEngine.hold_prefix` on the engine thread. Pass the hold on in the request, or give it
+        back with `release_hold` (a hold left behind pins its blocks for good)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._call(lambda engine: engine.hold_prefix(request), loop, future)
+        return await future
+
+    def release_hold(self, hold: PrefixHold) -> None:
+        """Unpin a hold no request took over (thread-safe, returns at once; idempotent)."""
+        self._call(lambda engine: engine.release_hold(hold), None, None)
+
+    def _call(self, fn: Callable[[LLMEngine], object], loop: asyncio.AbstractEventLoop | None,
+              future: asyncio.Future | None) -> None:
+        with self._lock:
+            if self._closed:
+                if future is not None:
+                    future.set_exception(EngineClosed("the decoder engine is shut down"))
+                return
+            self._calls.append((fn, loop, future))
+            self._start_locked()
+        self._wake.set()
+
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop the thread after its current step; pending streams fail with EngineClosed."""
         with self._lock:
@@ -95,6 +121,12 @@ class AsyncEngine:
         with self._lock:
             streams, self._streams = self._streams, {}
             self._new.clear()
+            calls, self._calls = self._calls, []
+        for _, loop, future in calls:
+            if future is not None:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._settle, future, future.set_exception,
+                                              EngineClosed("the decoder engine shut down"))
         for rid in list(self.engine.sequences):
             self.engine.abort(rid)
         for _, loop, queue in streams.values():
@@ -121,18 +153,24 @@ class AsyncEngine:
                     return
                 new, self._new = self._new, []
                 aborts, self._aborts = self._aborts, []
+                calls, self._calls = self._calls, []
             # Aborts first: a request id freed by a cancelled stream may come back at once.
             for rid in aborts:
                 engine.abort(rid)
-            for seq in new:
+            for fn, loop, future in calls:
+                self._run_call(engine, fn, loop, future)
+            for seq, hold in new:
                 with self._lock:
                     listening = self._streams.get(seq.request_id, (None,))[0] is seq
-                if not listening:  # cancelled before the engine saw it
-                    continue
                 try:
-                    engine.enqueue(seq)
+                    if not listening:  # cancelled before the engine saw it
+                        continue
+                    engine.enqueue(seq, hold)
                 except Exception as exc:  # e.g. QueueFull after preemptions refilled the queue
                     self._deliver(seq, exc)
+                finally:
+                    if hold is not None:
+                        engine.release_hold(hold)  # a no-op once the sequence took it over
             if not engine.has_unfinished():
                 self._wake.wait()
                 continue
@@ -151,6 +189,26 @@ class AsyncEngine:
                 self._on_step(engine.stats.failed_steps == failed)
             for out in outputs:
                 self._deliver(running[out.request_id], out)
+
+    def _run_call(self, engine: LLMEngine, fn, loop, future) -> None:
+        try:
+            result = fn(engine)
+        except Exception as exc:
+            if future is None:
+                log.exception("decoder engine call failed")
+                return
+            result = exc
+        if future is not None:
+            setter = future.set_exception if isinstance(result, BaseException) else future.set_result
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                loop.call_soon_threadsafe(self._settle, future, setter, result)
+
+    def _settle(self, future: asyncio.Future, setter, result) -> None:
+        """Set a call's result; a hold made for a caller that went away (cancelled) is given back."""
+        if not future.done():
+            setter(result)
+        elif isinstance(result, PrefixHold):
+            self.release_hold(result)
 
     def _deliver(self, seq: Sequence, item: EngineOutput | BaseException) -> None:
         """Hand `item` to the stream of `seq` (if it still listens); a final item closes the stream."""

@@ -5,20 +5,32 @@ the tokens and image hashes of every block up to it). A later sequence with the 
 block instead of recomputing it. Freed blocks keep their content and hash until the free list hands
 them out again, oldest first, so a finished turn's KV stays reusable for the next turn while memory
 is not needed elsewhere. Plain Python: no tensors here.
+
+Pins: `pin_prefix` takes a reference on the cached blocks of a sequence's longest cached prefix
+without a block table (a decoder that told its client "I hold these images' KV, send no bytes" must
+keep that KV until the request runs). A pinned block is out of the free list, so nothing evicts or
+overwrites it; the sequence later takes its pinned blocks as its first prefix hits whatever the hash
+index says by then, and `unpin` drops the pin when the request finishes. At most `max_pinned_blocks`
+are pinned at once, so the head of the queue can always be admitted once nothing runs.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
+from collections.abc import Sequence as Blocks
 
 from .sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 max_pinned_blocks: int | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
+        # None = all but one block; the engine passes num_blocks - blocks of one longest sequence.
+        self.max_pinned_blocks = num_blocks - 1 if max_pinned_blocks is None else max(0, max_pinned_blocks)
+        self._pins: Counter[int] = Counter()  # block -> pins on it (each also counted in ref_counts)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -43,15 +55,19 @@ class BlockManager:
         The block holding the last token is never taken from the cache: that token must run through
         the model to give the logits of the first new token.
         """
+        hits = list(seq.pinned_blocks)  # verified when pinned, and never overwritten since
         if not self.enable_prefix_caching:
-            return []
-        hits = []
-        for i in range((seq.num_tokens - 1) // self.block_size):
+            return hits
+        for i in range(len(hits), (seq.num_tokens - 1) // self.block_size):
             block = self.hash_to_block.get(seq.block_hash(i))
             if block is None:
                 break
             hits.append(block)
         return hits
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(self._pins.values())
 
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
         """Whether `seq` (all its tokens) fits now, keeping `reserve` blocks free."""
@@ -82,6 +98,33 @@ class BlockManager:
         seq.num_hashed_blocks = len(hits)
         self.append_slots(seq)
         return len(hits) * self.block_size
+
+    def pin_prefix(self, seq: Sequence) -> list[int]:
+        """Pin the cached blocks of `seq`'s longest cached prefix (within the pin budget); returns them.
+
+        `seq` holds no blocks. The blocks stay out of the free list until `unpin`.
+        """
+        if seq.block_table or seq.pinned_blocks:
+            raise RuntimeError(f"{seq} already holds blocks")
+        hits = self.match_prefix(seq)[: max(0, self.max_pinned_blocks - self.num_pinned_blocks)]
+        for block in hits:
+            if self.ref_counts[block] == 0:
+                del self._free[block]
+            self.ref_counts[block] += 1
+            self._pins[block] += 1
+        return hits
+
+    def unpin(self, blocks: Blocks[int]) -> None:
+        """Drop pins taken by `pin_prefix` (tail first, as `free` does)."""
+        for block in reversed(blocks):
+            if self._pins[block] <= 0:
+                raise RuntimeError(f"block {block} is not pinned")
+            self._pins[block] -= 1
+            if not self._pins[block]:
+                del self._pins[block]
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self._free[block] = None
 
     def append_slots(self, seq: Sequence) -> None:
         """Grow `seq`'s block table to cover all its tokens (decode adds one block every block_size)."""
@@ -133,8 +176,10 @@ class BlockManager:
     # ------------------------------------------------------------------ checks
 
     def check_invariants(self, live: Iterable[Sequence]) -> None:
-        """Raise if reference counts disagree with the live block tables (used by tests)."""
+        """Raise if reference counts disagree with the live block tables and pins (used by tests)."""
         counts = [0] * self.num_blocks
+        for block, pins in self._pins.items():
+            counts[block] += pins
         for seq in live:
             for block in seq.block_table:
                 counts[block] += 1

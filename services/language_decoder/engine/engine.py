@@ -14,7 +14,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenize import IncrementalDetokenizer, OutputText
 from .errors import PromptTooLong
-from .request import EngineOutput, EngineRequest, SamplingParams, Usage
+from .request import EngineOutput, EngineRequest, PrefixHold, SamplingParams, Usage
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import NewToken, Scheduler, SchedulerOutput
@@ -58,8 +58,10 @@ class LLMEngine:
         # Cached KV carries the RoPE base it was written with; past the dynamic-NTK threshold that base
         # depends on the whole sequence's length, so reuse is only exact below it.
         prefix_ok = self.runner.rope.position_only
+        # Pins never take the blocks one longest sequence needs: the head of the queue always fits.
         self.block_manager = BlockManager(
-            self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching and prefix_ok
+            self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching and prefix_ok,
+            max_pinned_blocks=self.runner.num_blocks - self.config.max_blocks_per_seq,
         )
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.sampler = Sampler()
@@ -90,19 +92,49 @@ class LLMEngine:
             raise ValueError(f"image embeddings have width {embeds.shape[-1]}, the model {self.hidden_size}")
         if request.sampling.stop and self._detokenizer_factory is None:
             raise ValueError("stop strings need an engine with a tokenizer")
+        hold = request.prefix_hold
+        if request.held_images and (hold is None or not set(request.held_images) <= set(hold.held_images)):
+            raise ValueError("held images must be covered by the request's prefix_hold")
+        if hold is not None and (hold.taken or hold.released):
+            raise ValueError("this prefix hold was already used or released")
         seq = Sequence(request, next(self._arrivals), self.config.block_size)
         if self._detokenizer_factory is not None:
             seq.detok = OutputText(self._detokenizer_factory(), request.sampling.stop)
         return seq
 
-    def enqueue(self, seq: Sequence) -> None:
+    def enqueue(self, seq: Sequence, hold: PrefixHold | None = None) -> None:
+        """Queue `seq`; it takes over `hold`'s pinned blocks (released when it finishes)."""
         if seq.request_id in self.sequences:
             raise ValueError(f"request id {seq.request_id!r} is already running")
+        if hold is not None and (hold.taken or hold.released):
+            raise ValueError("this prefix hold was already used or released")
         self.scheduler.add(seq)  # raises QueueFull
+        if hold is not None:
+            seq.pinned_blocks, hold.taken = list(hold.blocks), True
         self.sequences[seq.request_id] = seq
 
+    def hold_prefix(self, request: EngineRequest) -> PrefixHold:
+        """Pin the cached prefix of `request`'s prompt; say which images it covers completely.
+
+        `request` needs no embeddings (mark every image held) but its final ids, spans, image hashes
+        and salt. An image is held when every block up to its last position is cached: its KV, and
+        everything before it, is then computed already. Release with `release_hold` unless a request
+        carrying the hold (`EngineRequest.prefix_hold`) is queued.
+        """
+        seq = Sequence(request, -1, self.config.block_size)
+        blocks = self.block_manager.pin_prefix(seq)
+        cached = len(blocks) * self.config.block_size
+        held = tuple(i for i, (_, end) in enumerate(seq.image_spans) if end <= cached)
+        return PrefixHold(blocks, held, cached)
+
+    def release_hold(self, hold: PrefixHold) -> None:
+        """Unpin a hold no request took over. Idempotent."""
+        if not hold.taken and not hold.released:
+            hold.released = True
+            self.block_manager.unpin(hold.blocks)
+
     def add_request(self, request: EngineRequest) -> None:
-        self.enqueue(self.make_sequence(request))
+        self.enqueue(self.make_sequence(request), request.prefix_hold)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request now and free its blocks; False if it is unknown or already finished."""

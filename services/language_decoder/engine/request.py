@@ -60,6 +60,10 @@ class EngineRequest:
     the image bytes + tiling settings); two images with the same token span but different hashes never
     share KV. Hashes may be omitted: the embedding bytes are hashed instead. `cache_salt` (one per
     tenant, from the gateway) keeps one salt's prompts from ever reusing another's KV.
+
+    `held_images` are images sent without rows (`image_embeds` holds the others' rows only): their
+    KV is pinned by `prefix_hold` (from `LLMEngine.hold_prefix` for the same prompt), which the engine
+    takes over when the request is queued and releases when it finishes.
     """
 
     request_id: str
@@ -69,6 +73,23 @@ class EngineRequest:
     image_spans: Sequence[tuple[int, int]] = ()
     image_hashes: Sequence[str | bytes] = ()
     cache_salt: bytes = b""  # seeds the prefix-cache hash chain: different salts never share KV
+    held_images: Sequence[int] = ()
+    prefix_hold: PrefixHold | None = None
+
+
+@dataclass(eq=False)
+class PrefixHold:
+    """Pinned prefix-cache blocks of a prompt, and which of its images they cover completely.
+
+    Made by `LLMEngine.hold_prefix`; given back with `release_hold` unless a request took it over
+    (`taken`).
+    """
+
+    blocks: list[int]
+    held_images: tuple[int, ...]
+    cached_tokens: int
+    taken: bool = False
+    released: bool = False
 
 
 @dataclass(frozen=True)

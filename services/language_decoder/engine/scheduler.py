@@ -151,6 +151,8 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        self.block_manager.unpin(seq.pinned_blocks)  # a preempted sequence kept them to readmit
+        seq.pinned_blocks = []
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

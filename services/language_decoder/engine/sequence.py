@@ -43,6 +43,9 @@ class Sequence:
         self.num_prompt_tokens = len(prompt)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        # Blocks pinned for this sequence before it was queued (BlockManager.pin_prefix): its first
+        # prefix hits, kept until it finishes, so the KV of images sent without rows stays.
+        self.pinned_blocks: list[int] = []
         self.num_hashed_blocks = 0  # leading blocks already published to the prefix cache
         self.num_computed_tokens = 0
         # Prompt tokens whose K/V the prefix cache held at first admission (None until admitted);
@@ -66,19 +69,28 @@ class Sequence:
             if not prev_end <= s < e <= self.num_prompt_tokens:
                 raise ValueError(f"image spans must be ordered, non-empty and inside the prompt: {spans}")
             prev_end = e
-        if sum(e - s for s, e in spans) != n_rows:
+        # Held images come without rows: their KV is pinned in the prefix cache (request.prefix_hold).
+        held = frozenset(int(i) for i in request.held_images)
+        if any(not 0 <= i < len(spans) for i in held):
+            raise ValueError(f"held image indices {sorted(held)} outside the {len(spans)} image spans")
+        with_rows = [(s, e) for i, (s, e) in enumerate(spans) if i not in held]
+        if sum(e - s for s, e in with_rows) != n_rows:
             raise ValueError(
-                f"image spans cover {sum(e - s for s, e in spans)} prompt positions but {n_rows} "
+                f"image spans cover {sum(e - s for s, e in with_rows)} prompt positions but {n_rows} "
                 "image embedding rows were given"
             )
         hashes = list(request.image_hashes)
         if hashes and len(hashes) != len(spans):
             raise ValueError(f"{len(spans)} image spans but {len(hashes)} image hashes")
+        if held and not hashes:
+            raise ValueError("held images need image hashes: their rows are not there to hash")
         self.image_embeds = None if embeds is None or n_rows == 0 else embeds.reshape(n_rows, -1)
         self.image_spans = spans
+        self.held_images = held
+        # Row offset of each image in image_embeds (a held image's is where the next one's rows start).
         self.image_row_offsets = [0]
-        for s, e in spans:
-            self.image_row_offsets.append(self.image_row_offsets[-1] + e - s)
+        for i, (s, e) in enumerate(spans):
+            self.image_row_offsets.append(self.image_row_offsets[-1] + (0 if i in held else e - s))
         if not hashes and spans:  # no content hash given: hash what we were sent, per image
             hashes = [
                 embedding_digest(self.image_embeds[a:b])
@@ -89,9 +101,12 @@ class Sequence:
     def image_rows(self, start: int, end: int) -> list[tuple[int, Tensor]]:
         """(position, rows) pieces of image embeddings for prompt positions in [start, end)."""
         out = []
-        for (s, e), row0 in zip(self.image_spans, self.image_row_offsets, strict=False):
+        for i, ((s, e), row0) in enumerate(zip(self.image_spans, self.image_row_offsets, strict=False)):
             lo, hi = max(s, start), min(e, end)
             if lo < hi:
+                if i in self.held_images:  # its pinned KV should have covered these positions
+                    raise RuntimeError(f"{self}: image {i} came without rows, but positions {lo}..{hi} "
+                                       "are not in its pinned prefix")
                 out.append((lo, self.image_embeds[row0 + lo - s : row0 + hi - s]))
         return out
 
