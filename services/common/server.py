@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from services.common.engine_health import EXIT_CODE as ENGINE_DEAD_EXIT_CODE
 from services.common.engine_health import EngineDead
-from services.common.interceptors import MonitoringInterceptor, RequestIdInterceptor
+from services.common.interceptors import MonitoringInterceptor, OpenStreamLimiter, RequestIdInterceptor
 from services.common.metrics import ServiceMetrics
 from services.common.security import ServerTls
 
@@ -90,7 +90,8 @@ class GrpcServer:
         self.health = HealthServicer()
         self.metrics = ServiceMetrics(collectors)
         self.metrics_port: int | None = None
-        standard = [RequestIdInterceptor(unique_request_ids), MonitoringInterceptor(self.metrics.rpc)]
+        standard = [RequestIdInterceptor(unique_request_ids), MonitoringInterceptor(self.metrics.rpc),
+                    OpenStreamLimiter()]
         self.server = grpc.aio.server(
             interceptors=[*standard, *interceptors],
             # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it.
