@@ -26,11 +26,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gateway.feature_cache import FeatureCacheConfig
 from gateway.media import MediaFetchConfig, parse_domains
+from gateway.quota_config import QuotaTable, load_quota_file
 from gateway.redis_connect import check_url, instance_address
 from gateway.sessions import SessionConfig
 from services.common.flags import EnvFlags
 from services.common.logging import LOG_FORMATS
-from services.common.security import ClientTls, ServerTls, is_loopback_host, load_api_keys, redact_url
+from services.common.security import (
+    ANONYMOUS_TENANT,
+    ClientTls,
+    ServerTls,
+    is_loopback_host,
+    load_api_keys,
+    parse_key_entry,
+    redact_url,
+)
 from services.common.server import ServerConfig
 
 ENV_PREFIX = "IVL_GATEWAY_"
@@ -78,6 +87,7 @@ class GatewayConfig:
     insecure_open: bool = False
     # Off: the feature cache and the decoder's prefix cache are per tenant (ChatCore.cache_scope).
     share_caches_across_tenants: bool = False
+    quotas: QuotaTable = QuotaTable()  # per-tenant limits (--quota-file; gateway/quotas.py)
     peer_tls: ClientTls | None = None  # TLS (and client certificates) towards encoders and decoders
     redis_tls_ca: str = ""
     log_level: str = "INFO"
@@ -136,7 +146,10 @@ class GatewayConfig:
         peer_tls = "off" if self.peer_tls is None else ("mutual" if self.peer_tls.cert else "on")
         http = f"http=:{self.http.port}" if self.http.port else "http=off"
         media = ",".join(self.http.media.allowed_domains) or "off"
-        return (f"{self.server.address} {http} media_urls={media} auth={auth} caches={caches} tls={server_tls} "
+        tenants = ",".join(parse_key_entry(k)[0] for k in self.api_keys) or ANONYMOUS_TENANT
+        quotas = "on" if self.quotas.limits_anything else "off"
+        return (f"{self.server.address} {http} media_urls={media} auth={auth} tenants={tenants} quotas={quotas} "
+                f"caches={caches} tls={server_tls} "
                 f"encoder={self.encoder_target} decoder={self.decoder_target} peer_tls={peer_tls} "
                 f"sessions={redact_url(self.session_redis_url)} features={redact_url(self.feature_cache_url)}")
 
@@ -162,6 +175,9 @@ class GatewayConfig:
                             "(default --redis-url; env IVL_FEATURE_CACHE_URL)")
         p.add_argument("--feature-ttl", type=float, default=float(get("IVL_FEATURE_TTL_S", "3600")))
         p.add_argument("--session-ttl", type=int, default=int(get("IVL_SESSION_TTL_S", "3600")))
+        p.add_argument("--max-session-ttl", type=int, default=int(get("IVL_MAX_SESSION_TTL_S", str(7 * 24 * 3600))),
+                       help="longest session TTL a client may ask for; longer requests get this one (per tenant: "
+                            "max_session_ttl_s in --quota-file; env IVL_MAX_SESSION_TTL_S)")
         p.add_argument("--max-images", type=int, default=int(get("IVL_MAX_IMAGES", "16")))
         p.add_argument("--grace", "--grace-seconds", dest="grace", type=float, default=float(get("IVL_GRACE_S", "30")),
                        help="time in-flight calls get to finish on SIGTERM (env IVL_GRACE_S)")
@@ -172,6 +188,9 @@ class GatewayConfig:
         flags.add_switch("--share-caches-across-tenants", "one feature cache and decoder prefix cache for all API "
                          "keys: more hits, but a tenant can tell from cached_prompt_tokens and latency what "
                          "others sent (single-tenant deployments)")
+        flags.add("--quota-file", str, "JSON file of per-tenant quotas (requests and tokens per minute, calls in "
+                  "progress, live sessions, session bytes, session TTL); see docs/deploy.md. Empty = none",
+                  default="")
         flags.add("--tls-cert", str, "PEM certificate chain: serve TLS (with --tls-key)", default="")
         flags.add("--tls-key", str, "PEM private key of --tls-cert", default="")
         flags.add("--tls-ca", str, "PEM CA bundle: require client certificates it signed (mutual TLS)", default="")
@@ -214,6 +233,10 @@ class GatewayConfig:
                 raise ValueError("--max-choices must be >= 1")
             if a.media_fetch_timeout <= 0:
                 raise ValueError("--media-fetch-timeout must be > 0")
+            if a.session_ttl < 1 or a.max_session_ttl < a.session_ttl:
+                raise ValueError("need 1 <= --session-ttl <= --max-session-ttl")
+            tenants = [parse_key_entry(k)[0] for k in keys] or [ANONYMOUS_TENANT]
+            quotas = load_quota_file(a.quota_file, tenants)
             return cls(
                 server=ServerConfig(host=a.host, port=a.port, grace_seconds=a.grace,
                                     tls=ServerTls.from_flags(a.tls_cert, a.tls_key, a.tls_ca),
@@ -224,12 +247,13 @@ class GatewayConfig:
                 session_redis_url=a.session_redis_url,
                 feature_cache_url=a.feature_cache_url,
                 cache=FeatureCacheConfig(ttl_s=a.feature_ttl),
-                sessions=SessionConfig(default_ttl_s=a.session_ttl, max_ttl_s=max(a.session_ttl, 7 * 24 * 3600)),
+                sessions=SessionConfig(default_ttl_s=a.session_ttl, max_ttl_s=a.max_session_ttl),
                 max_images_per_request=a.max_images,
                 max_new_tokens=a.max_new_tokens,
                 api_keys=keys,
                 insecure_open=a.insecure_open,
                 share_caches_across_tenants=a.share_caches_across_tenants,
+                quotas=quotas,
                 peer_tls=ClientTls.from_flags(a.peer_tls_ca, a.peer_tls_cert, a.peer_tls_key),
                 redis_tls_ca=a.redis_tls_ca,
                 log_level=a.log_level,
