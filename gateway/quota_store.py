@@ -108,7 +108,7 @@ local function purge(now)
   for _, sid in ipairs(gone) do
     local b = tonumber(redis.call('HGET', KEYS[2], sid) or '0')
     redis.call('HDEL', KEYS[2], sid)
-    redis.call('HINCRBY', KEYS[2], '#total', -b)
+    redis.call('HINCRBY', KEYS[2], '#total', 0 - b)  -- not -b: Lua's -0 reads "-0", no integer
   end
   if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
 end
@@ -163,7 +163,7 @@ _CLOSE_LUA = _LEDGER_LUA + """
 if redis.call('ZREM', KEYS[1], ARGV[2]) > 0 then
   local b = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
   redis.call('HDEL', KEYS[2], ARGV[2])
-  redis.call('HINCRBY', KEYS[2], '#total', -b)
+  redis.call('HINCRBY', KEYS[2], '#total', 0 - b)  -- not -b: Lua's -0 reads "-0", no integer
   keep(now)
 end
 return {redis.call('ZCARD', KEYS[1]), total()}

@@ -183,6 +183,15 @@ def test_the_ledger_counts_live_sessions_and_bytes_and_forgets_expired_ones(redi
     assert out["touched"] == (1, 100) and out["all_gone"] == (0, 0)
 
 
+def test_empty_sessions_open_close_and_expire(redis_url) -> None:
+    async def body(store, _client):
+        await store.open_session("alice", T0, "e1", T0 + 1_000, 0, None, 100)
+        await store.open_session("alice", T0, "e2", T0 + 60_000, 0, None, 100)
+        return await store.close_session("alice", T0, "e2"), await store.usage("alice", T0 + 1_000)
+
+    assert with_store(redis_url, body) == ((1, 0), (0, 0))
+
+
 def test_the_ledger_is_exact_under_concurrent_opens(redis_url) -> None:
     async def body(store, _client):
         results = await asyncio.gather(*(store.open_session("alice", T0, f"s{i}", T0 + 60_000, 10, 7, None)
