@@ -52,6 +52,8 @@ MiB = 1024 * 1024
 # --max-num-seqs slot busy). A drain (--grace-seconds of the decoder and the gateway) must cover
 # MAX_NEW_TOKENS / MIN_DECODE_TOKENS_PER_S; tests/deploy/test_manifests.py checks the manifests.
 MAX_NEW_TOKENS = 1024
+# 1 MiB per call: ~20 MiB/s per upload at a 50 ms round trip, ~1 MiB buffered per keyless call.
+RECEIVE_WINDOW_BYTES = MiB
 MIN_DECODE_TOKENS_PER_S = 4.0
 
 
@@ -191,6 +193,10 @@ class GatewayConfig:
         flags.add("--quota-file", str, "JSON file of per-tenant quotas (requests and tokens per minute, calls in "
                   "progress, live sessions, session bytes, session TTL); see docs/deploy.md. Empty = none",
                   default="")
+        flags.add("--receive-window", int, "bytes a gRPC client may send per call before the gateway reads them "
+                  "(the HTTP/2 window): what a caller, keyless ones included, can make it buffer per call; a "
+                  "stream uploads at most this much per round trip (0 = gRPC's adaptive window)",
+                  default=RECEIVE_WINDOW_BYTES)
         flags.add("--tls-cert", str, "PEM certificate chain: serve TLS (with --tls-key)", default="")
         flags.add("--tls-key", str, "PEM private key of --tls-cert", default="")
         flags.add("--tls-ca", str, "PEM CA bundle: require client certificates it signed (mutual TLS)", default="")
@@ -233,12 +239,15 @@ class GatewayConfig:
                 raise ValueError("--max-choices must be >= 1")
             if a.media_fetch_timeout <= 0:
                 raise ValueError("--media-fetch-timeout must be > 0")
+            if a.receive_window < 0:
+                raise ValueError("--receive-window must be >= 0 (0 = gRPC's adaptive window)")
             if a.session_ttl < 1 or a.max_session_ttl < a.session_ttl:
                 raise ValueError("need 1 <= --session-ttl <= --max-session-ttl")
             tenants = [parse_key_entry(k)[0] for k in keys] or [ANONYMOUS_TENANT]
             quotas = load_quota_file(a.quota_file, tenants)
             return cls(
                 server=ServerConfig(host=a.host, port=a.port, grace_seconds=a.grace,
+                                    receive_window_bytes=a.receive_window,
                                     tls=ServerTls.from_flags(a.tls_cert, a.tls_key, a.tls_ca),
                                     metrics_port=a.metrics_port, metrics_host=a.metrics_host),
                 encoder_target=a.encoder,

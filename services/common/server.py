@@ -49,6 +49,11 @@ class ServerConfig:
     tls: ServerTls | None = None  # None = plaintext
     metrics_port: int = 0  # 0 = no metrics endpoint (the services' own defaults are 9101..9103)
     metrics_host: str = ""  # "" = the gRPC host
+    # A fixed HTTP/2 receive window per stream instead of gRPC's adaptive one (0 = adaptive). The
+    # adaptive window grows to several MiB per connection on a fast link, and a caller can fill it
+    # before it is refused (keyless callers included): a public front fixes it small. Throughput per
+    # stream is then at most this much per round trip.
+    receive_window_bytes: int = 0
 
     @property
     def address(self) -> str:
@@ -102,6 +107,8 @@ class GrpcServer:
                 # gateways discover replicas an autoscaler added (headless Services, round robin).
                 ("grpc.max_connection_age_ms", 300_000),
                 ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
+                *([("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", config.receive_window_bytes)]
+                  if config.receive_window_bytes else []),
             ],
         )
         for svc in self.services:
