@@ -235,8 +235,8 @@ class TenantQuotas:
         """The TTL a new session gets: the request's (None/0 = the default), lowered to the operator's
         maximum and the tenant's. ChatError(INVALID_ARGUMENT) for a negative one."""
         if requested_s is not None and requested_s < 0:
-            raise ChatError(ErrorKind.INVALID_ARGUMENT, f"ttl_seconds must be >= 0 (0 = the default "
-                            f"{self.default_ttl_s}), got {requested_s}", param="ttl_seconds")
+            raise ChatError(ErrorKind.INVALID_ARGUMENT, f"ttl must be positive (or 0 for the default "
+                            f"{self.default_ttl_s} s), got {requested_s}", param="ttl_seconds")
         ttl = min(requested_s or self.default_ttl_s, self.max_ttl_s)
         tenant_max = self.table.of(tenant).max_session_ttl_s
         return ttl if tenant_max is None else min(ttl, tenant_max)
