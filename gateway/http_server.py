@@ -83,7 +83,7 @@ def chat_error_response(error: ChatError) -> JSONResponse:
     if error.retry_after_ms is not None:
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after_ms / 1000)))
         headers["retry-after-ms"] = str(error.retry_after_ms)  # the finer hint the openai clients read
-    elif status == 429:
+    elif status == 429 and error.kind is not ErrorKind.QUOTA_EXCEEDED:  # a quota without a hint: waiting won't do
         headers["retry-after"] = "1"
     return error_response(status, error.message, param=error.param, code=error.kind.value, headers=headers)
 

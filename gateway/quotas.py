@@ -175,8 +175,10 @@ class TenantQuotas:
                 yield event
             completed = True
         finally:
-            await events.aclose()
-            settling = ticket.finish(generated)
+            try:
+                await events.aclose()  # stops the generation (if the caller went away) before the settlement
+            finally:
+                settling = ticket.finish(generated)
         if completed and settling is not None:
             await settling  # settled before the call's end reaches the client: its next call sees the refund
 

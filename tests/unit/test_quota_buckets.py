@@ -10,6 +10,7 @@ their bytes, forgets expired ones, and is exact under concurrent use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -292,3 +293,54 @@ def test_an_unreadable_or_malformed_quota_file_is_named(tmp_path) -> None:
     bad.write_text("{default: 1}")
     with pytest.raises(QuotaConfigError, match="is not JSON"):
         load_quota_file(str(bad), ["alice"])
+
+
+# ---------------------------------------------------------------------------------------------- metered calls
+
+
+def test_a_call_is_charged_what_it_generated_or_all_it_reserved_once_output_was_seen(redis_url) -> None:
+    """erin: 1000 tokens a minute, the clock stopped (no refill): the bucket's level after each call
+    shows what the call was charged."""
+    from gateway.core import ChatEvent, TurnEnd, Usage
+
+    table = parse_quotas({"tenants": {"alice": {"tokens_per_minute": 1000}}}, ["alice", "bob"])
+
+    async def finished(used: int):
+        yield ChatEvent("a")
+        yield ChatEvent("b", TurnEnd("stop", Usage(completion_tokens=used)))
+
+    async def fails_after_output():
+        yield ChatEvent("a")
+        raise ChatError(ErrorKind.UNAVAILABLE, "decoder went away")
+
+    async def fails_before_output():
+        raise ChatError(ErrorKind.UNAVAILABLE, "decoder down")
+        yield  # pragma: no cover - makes this an async generator
+
+    async def body(store, client):
+        quotas = quotas_for(store, table, [T0])
+        ctx = RequestContext(timeout_s=30, tenant="alice")
+        levels = []
+
+        async def level() -> float:
+            await quotas.drain()
+            return float(await client.hget(quota_keys("alice")["rate"], "tok"))
+
+        async def run(events, max_new_tokens: int = 100) -> None:
+            with contextlib.suppress(ChatError):
+                async for _ in quotas.metered(ctx, max_new_tokens, events):
+                    pass
+            levels.append(await level())
+
+        await run(finished(30))  # 100 reserved, 30 used: 70 back
+        await run(fails_after_output())  # keeps all 100
+        await run(fails_before_output())  # all 100 back
+        stream = quotas.metered(ctx, 100, finished(30))
+        await anext(stream)
+        await stream.aclose()  # the caller went away mid-stream: keeps all 100
+        levels.append(await level())
+        return levels, quotas.stats["alice"]
+
+    levels, stats = with_store(redis_url, body)
+    assert levels == [970.0, 870.0, 870.0, 770.0]
+    assert stats.in_flight == 0 and stats.admitted == 4
