@@ -350,9 +350,8 @@ class ChatCore:
             await events.aclose()
 
     async def _turn(self, request: ChatInput, ctx: RequestContext) -> AsyncIterator[ChatEvent]:
-        session = await self._require_session(request.session_id, ctx.tenant) if request.session_id else None
-        if session is not None and self.quotas is not None:
-            await self.quotas.session_used(ctx.tenant, session.session_id, session.ttl_s, adding=True)
+        session = await self._require_session(request.session_id, ctx.tenant, adding=True) \
+            if request.session_id else None
         # Placeholders first: a malformed request costs no encoding.
         past_questions = [self._question(t.user) for t in request.history]
         question = self._question(request.turn)
@@ -515,13 +514,14 @@ class ChatCore:
         if self.quotas is not None:
             await self.quotas.close_session(tenant, session_id)
 
-    async def _require_session(self, session_id: str, tenant: str) -> Session:
-        """The tenant's session; another tenant's is NOT_FOUND with the very message of an unknown id."""
+    async def _require_session(self, session_id: str, tenant: str, *, adding: bool = False) -> Session:
+        """The tenant's session; another tenant's is NOT_FOUND with the very message of an unknown id.
+        `adding`: a turn is about to be generated for it (refused first if the tenant's sessions are full)."""
         session = await self._sessions_call(self.sessions.get(session_id, owner=owner_hash(tenant)))
         if session is None:
             raise session_not_found(session_id)
         if self.quotas is not None:  # the read restarted the session's TTL: its quota entry follows
-            await self.quotas.session_used(tenant, session_id, session.ttl_s, adding=False)
+            await self.quotas.session_used(tenant, session_id, session.ttl_s, adding=adding)
         return session
 
     async def _store_turn(self, session: Session, turn: Turn, files: dict[str, bytes], tenant: str) -> None:
