@@ -344,3 +344,26 @@ def test_a_call_is_charged_what_it_generated_or_all_it_reserved_once_output_was_
     levels, stats = with_store(redis_url, body)
     assert levels == [970.0, 870.0, 870.0, 770.0]
     assert stats.in_flight == 0 and stats.admitted == 4
+
+
+def test_the_shipped_example_quota_file_is_valid() -> None:
+    from tests.integration.procs import REPO_ROOT
+
+    table = load_quota_file(str(REPO_ROOT / "deploy" / "quotas.example.json"), ["example-team", "other"])
+    assert table.of("example-team").concurrent_requests == 8
+    assert table.of("other") == table.default and table.default.limits_calls and table.default.limits_sessions
+
+
+def test_the_gateway_refuses_to_start_with_a_quota_for_no_key(tmp_path, capsys) -> None:
+    from gateway.config import GatewayConfig
+
+    path = tmp_path / "quotas.json"
+    path.write_text(json.dumps({"tenants": {"alice": {"requests_per_minute": 5}}}))
+    with pytest.raises(SystemExit) as exit_:
+        GatewayConfig.from_args(["--insecure-open", "--quota-file", str(path)], env={})
+    assert exit_.value.code == 2 and "no API key is named alice" in capsys.readouterr().err
+    open_table = json.dumps({"tenants": {"anonymous": {"requests_per_minute": 5}}})
+    path.write_text(open_table)  # an open gateway's one tenant
+    config = GatewayConfig.from_args(["--insecure-open", "--quota-file", str(path)], env={})
+    assert config.quotas.of("anonymous").requests_per_minute == 5
+    assert "quotas=on" in config.summary() and "tenants=anonymous" in config.summary()
