@@ -21,6 +21,8 @@ from gateway.feature_cache import FeatureCache
 from gateway.http_server import HttpServer, create_app
 from gateway.media import MediaFetcher
 from gateway.peers import DecoderClient, EncoderClient
+from gateway.quota_store import QuotaStore
+from gateway.quotas import TenantQuotas
 from gateway.redis_connect import prepare, redis_client
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
@@ -28,8 +30,8 @@ from gateway.transfer_stats import TransferCollector
 from internvl.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.interceptors import ApiKeyInterceptor
 from services.common.logging import configure_logging
-from services.common.metrics import FeatureCacheCollector
-from services.common.security import ApiKeys, SecurityConfigError, redact_url
+from services.common.metrics import FeatureCacheCollector, TenantCollector
+from services.common.security import ANONYMOUS_TENANT, ApiKeys, SecurityConfigError, parse_key_entry, redact_url
 from services.common.server import GrpcServer, Service, run_process, serve_until_signal
 
 log = logging.getLogger("gateway")
@@ -67,7 +69,11 @@ async def run(config: GatewayConfig) -> None:
     problem = await sessions.policy_problem()
     if problem:
         log.warning("session store %s: %s", redact_url(config.session_redis_url), problem)
-    core = ChatCore(config, encoder, decoder, cache, sessions)
+    # Quota state lives beside the sessions: the live-session and session-bytes counts must agree with them.
+    quotas = TenantQuotas(config.quotas, QuotaStore(session_redis), default_max_new_tokens=config.max_new_tokens,
+                          default_ttl_s=config.sessions.default_ttl_s, max_ttl_s=config.sessions.max_ttl_s,
+                          tenants=[parse_key_entry(k)[0] for k in config.api_keys] or [ANONYMOUS_TENANT])
+    core = ChatCore(config, encoder, decoder, cache, sessions, quotas)
     fetcher = MediaFetcher(config.http.media)
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     if config.insecure_open:
@@ -80,7 +86,7 @@ async def run(config: GatewayConfig) -> None:
                                                 GatewayServicer(core))],
                         interceptors=[ApiKeyInterceptor(keys)] if keys else [],
                         collectors=[FeatureCacheCollector(lambda: cache),
-                                    TransferCollector(core.transfer, lambda: cache)],
+                                    TransferCollector(core.transfer, lambda: cache), TenantCollector(lambda: quotas)],
                         unique_request_ids=True)
     http = None
     if config.http.port:
@@ -100,6 +106,7 @@ async def run(config: GatewayConfig) -> None:
     finally:
         if http is not None:
             await http.stop()
+        await quotas.drain()  # give back what ended calls reserved before the Redis client closes
         await fetcher.close()
         await encoder.close()
         await decoder.close()

@@ -26,11 +26,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gateway.feature_cache import FeatureCacheConfig
 from gateway.media import MediaFetchConfig, parse_domains
+from gateway.quota_config import QuotaTable, load_quota_file
 from gateway.redis_connect import check_url, instance_address
 from gateway.sessions import SessionConfig
 from services.common.flags import EnvFlags
 from services.common.logging import LOG_FORMATS
-from services.common.security import ClientTls, ServerTls, is_loopback_host, load_api_keys, redact_url
+from services.common.security import (
+    ANONYMOUS_TENANT,
+    ClientTls,
+    ServerTls,
+    is_loopback_host,
+    load_api_keys,
+    parse_key_entry,
+    redact_url,
+)
 from services.common.server import ServerConfig
 
 ENV_PREFIX = "IVL_GATEWAY_"
@@ -43,6 +52,8 @@ MiB = 1024 * 1024
 # --max-num-seqs slot busy). A drain (--grace-seconds of the decoder and the gateway) must cover
 # MAX_NEW_TOKENS / MIN_DECODE_TOKENS_PER_S; tests/deploy/test_manifests.py checks the manifests.
 MAX_NEW_TOKENS = 1024
+# 1 MiB per call: ~20 MiB/s per upload at a 50 ms round trip, ~1 MiB buffered per keyless call.
+RECEIVE_WINDOW_BYTES = MiB
 MIN_DECODE_TOKENS_PER_S = 4.0
 
 
@@ -81,6 +92,7 @@ class GatewayConfig:
     # On: images go to the decoder only when it asks for them (decoder.proto, lazy_images); off: every
     # image's bytes with every turn, as before (a comparison baseline for tests and benchmarks).
     lazy_images: bool = True
+    quotas: QuotaTable = QuotaTable()  # per-tenant limits (--quota-file; gateway/quotas.py)
     peer_tls: ClientTls | None = None  # TLS (and client certificates) towards encoders and decoders
     redis_tls_ca: str = ""
     log_level: str = "INFO"
@@ -139,7 +151,10 @@ class GatewayConfig:
         peer_tls = "off" if self.peer_tls is None else ("mutual" if self.peer_tls.cert else "on")
         http = f"http=:{self.http.port}" if self.http.port else "http=off"
         media = ",".join(self.http.media.allowed_domains) or "off"
-        return (f"{self.server.address} {http} media_urls={media} auth={auth} caches={caches} tls={server_tls} "
+        tenants = ",".join(parse_key_entry(k)[0] for k in self.api_keys) or ANONYMOUS_TENANT
+        quotas = "on" if self.quotas.limits_anything else "off"
+        return (f"{self.server.address} {http} media_urls={media} auth={auth} tenants={tenants} quotas={quotas} "
+                f"caches={caches} tls={server_tls} "
                 f"encoder={self.encoder_target} decoder={self.decoder_target} peer_tls={peer_tls} "
                 f"sessions={redact_url(self.session_redis_url)} features={redact_url(self.feature_cache_url)}")
 
@@ -165,6 +180,9 @@ class GatewayConfig:
                             "(default --redis-url; env IVL_FEATURE_CACHE_URL)")
         p.add_argument("--feature-ttl", type=float, default=float(get("IVL_FEATURE_TTL_S", "3600")))
         p.add_argument("--session-ttl", type=int, default=int(get("IVL_SESSION_TTL_S", "3600")))
+        p.add_argument("--max-session-ttl", type=int, default=int(get("IVL_MAX_SESSION_TTL_S", str(7 * 24 * 3600))),
+                       help="longest session TTL a client may ask for; longer requests get this one (per tenant: "
+                            "max_session_ttl_s in --quota-file; env IVL_MAX_SESSION_TTL_S)")
         p.add_argument("--max-images", type=int, default=int(get("IVL_MAX_IMAGES", "16")))
         p.add_argument("--grace", "--grace-seconds", dest="grace", type=float, default=float(get("IVL_GRACE_S", "30")),
                        help="time in-flight calls get to finish on SIGTERM (env IVL_GRACE_S)")
@@ -177,6 +195,13 @@ class GatewayConfig:
                          "others sent (single-tenant deployments)")
         flags.add_switch("--no-lazy-images", "send every image's embeddings with every turn, even those whose KV "
                          "the decoder holds (the behaviour before the lazy-images conversation; for comparisons)")
+        flags.add("--quota-file", str, "JSON file of per-tenant quotas (requests and tokens per minute, calls in "
+                  "progress, live sessions, session bytes, session TTL); see docs/deploy.md. Empty = none",
+                  default="")
+        flags.add("--receive-window", int, "bytes a gRPC client may send per call before the gateway reads them "
+                  "(the HTTP/2 window): what a caller, keyless ones included, can make it buffer per call; a "
+                  "stream uploads at most this much per round trip (0 = gRPC's adaptive window)",
+                  default=RECEIVE_WINDOW_BYTES)
         flags.add("--tls-cert", str, "PEM certificate chain: serve TLS (with --tls-key)", default="")
         flags.add("--tls-key", str, "PEM private key of --tls-cert", default="")
         flags.add("--tls-ca", str, "PEM CA bundle: require client certificates it signed (mutual TLS)", default="")
@@ -219,8 +244,15 @@ class GatewayConfig:
                 raise ValueError("--max-choices must be >= 1")
             if a.media_fetch_timeout <= 0:
                 raise ValueError("--media-fetch-timeout must be > 0")
+            if a.receive_window < 0:
+                raise ValueError("--receive-window must be >= 0 (0 = gRPC's adaptive window)")
+            if a.session_ttl < 1 or a.max_session_ttl < a.session_ttl:
+                raise ValueError("need 1 <= --session-ttl <= --max-session-ttl")
+            tenants = [parse_key_entry(k)[0] for k in keys] or [ANONYMOUS_TENANT]
+            quotas = load_quota_file(a.quota_file, tenants)
             return cls(
                 server=ServerConfig(host=a.host, port=a.port, grace_seconds=a.grace,
+                                    receive_window_bytes=a.receive_window,
                                     tls=ServerTls.from_flags(a.tls_cert, a.tls_key, a.tls_ca),
                                     metrics_port=a.metrics_port, metrics_host=a.metrics_host),
                 encoder_target=a.encoder,
@@ -229,13 +261,14 @@ class GatewayConfig:
                 session_redis_url=a.session_redis_url,
                 feature_cache_url=a.feature_cache_url,
                 cache=FeatureCacheConfig(ttl_s=a.feature_ttl),
-                sessions=SessionConfig(default_ttl_s=a.session_ttl, max_ttl_s=max(a.session_ttl, 7 * 24 * 3600)),
+                sessions=SessionConfig(default_ttl_s=a.session_ttl, max_ttl_s=a.max_session_ttl),
                 max_images_per_request=a.max_images,
                 max_new_tokens=a.max_new_tokens,
                 api_keys=keys,
                 insecure_open=a.insecure_open,
                 share_caches_across_tenants=a.share_caches_across_tenants,
                 lazy_images=not a.no_lazy_images,
+                quotas=quotas,
                 peer_tls=ClientTls.from_flags(a.peer_tls_ca, a.peer_tls_cert, a.peer_tls_key),
                 redis_tls_ca=a.redis_tls_ca,
                 log_level=a.log_level,

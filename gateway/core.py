@@ -31,6 +31,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -58,6 +59,7 @@ from gateway.sessions import (
     SessionTooLarge,
     Turn,
     VideoSampling,
+    new_session_id,
     owner_hash,
     session_prefix,
 )
@@ -94,6 +96,7 @@ class ErrorKind(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
     FAILED_PRECONDITION = "failed_precondition"
+    QUOTA_EXCEEDED = "quota_exceeded"  # the tenant's quota (gateway/quotas.py): retry later, or free sessions
     INTERNAL = "internal"
 
 
@@ -174,6 +177,7 @@ class RequestContext:
     timeout_s: float  # the time left for the whole turn
     request_id: str = ""
     tenant: str = ANONYMOUS_TENANT
+    quota_ticket: Any = None  # a gateway.quotas.Ticket when the front admitted this call with others
 
     def peer_metadata(self) -> list[tuple[str, str]]:
         """Propagate the request id to the peers so logs of one request can be joined."""
@@ -318,6 +322,7 @@ class ChatCore:
         decoder: DecoderClient,
         cache: FeatureCache,
         sessions: SessionStore,
+        quotas: Any = None,  # gateway.quotas.TenantQuotas; None = no quotas
     ):
         self.config = config
         self.encoder = encoder
@@ -325,6 +330,7 @@ class ChatCore:
         self.cache = cache
         self.sessions = sessions
         self.transfer = TransferStats()  # embedding bytes per hop (gateway/transfer_stats.py)
+        self.quotas = quotas
 
     # ------------------------------------------------------------------ chat
 
@@ -340,8 +346,19 @@ class ChatCore:
 
     async def chat(self, request: ChatInput, ctx: RequestContext) -> AsyncIterator[ChatEvent]:
         """The turn's text deltas; the last event carries the finish reason, usage and boxes."""
-        self.validate(request)
-        session = await self._require_session(request.session_id, ctx.tenant) if request.session_id else None
+        self.validate(request)  # before the quota: an invalid request costs the tenant nothing
+        events = self._turn(request, ctx)
+        if self.quotas is not None:
+            events = self.quotas.metered(ctx, request.sampling.max_new_tokens, events)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    async def _turn(self, request: ChatInput, ctx: RequestContext) -> AsyncIterator[ChatEvent]:
+        session = await self._require_session(request.session_id, ctx.tenant, adding=True) \
+            if request.session_id else None
         # Placeholders first: a malformed request costs no encoding.
         past_questions = [self._question(t.user) for t in request.history]
         question = self._question(request.turn)
@@ -395,7 +412,7 @@ class ChatCore:
                 if session is not None:
                     turn = Turn(user=question, assistant=text, images=tuple(media.refs),
                                 image_layout=_layout(request.turn))
-                    await self._store_turn(session.session_id, turn, media.files)
+                    await self._store_turn(session, turn, media.files, ctx.tenant)
                 u = resp.usage
                 end = TurnEnd(_FINISH.get(resp.finish_reason, "stop"),
                               Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens),
@@ -491,11 +508,17 @@ class ChatCore:
         problem = text_only_problem(system_message or "", "system_message")
         if problem:
             raise ChatError(ErrorKind.INVALID_ARGUMENT, problem)
+        session_id = new_session_id()
+        if self.quotas is not None:
+            ttl_s = self.quotas.session_ttl(tenant, ttl_s)
+            await self.quotas.open_session(tenant, session_id, ttl_s, len((system_message or "").encode()))
         try:
-            return await self.sessions.create(system_message, ttl_s, owner=owner_hash(tenant))
-        except ValueError as exc:
-            raise ChatError(ErrorKind.INVALID_ARGUMENT, str(exc)) from exc
-        except SessionError as exc:
+            return await self.sessions.create(system_message, ttl_s, owner=owner_hash(tenant), session_id=session_id)
+        except (ValueError, SessionError) as exc:
+            if self.quotas is not None:
+                await self.quotas.close_session(tenant, session_id)
+            if isinstance(exc, ValueError):
+                raise ChatError(ErrorKind.INVALID_ARGUMENT, str(exc)) from exc
             raise session_error(exc) from exc
 
     async def get_session(self, session_id: str, tenant: str) -> Session:
@@ -508,19 +531,32 @@ class ChatCore:
             raise ChatError(ErrorKind.INVALID_ARGUMENT, "session_id is required")
         if not await self._sessions_call(self.sessions.delete(session_id, owner=owner_hash(tenant))):
             raise session_not_found(session_id)
+        if self.quotas is not None:
+            await self.quotas.close_session(tenant, session_id)
 
-    async def _require_session(self, session_id: str, tenant: str) -> Session:
-        """The tenant's session; another tenant's is NOT_FOUND with the very message of an unknown id."""
+    async def _require_session(self, session_id: str, tenant: str, *, adding: bool = False) -> Session:
+        """The tenant's session; another tenant's is NOT_FOUND with the very message of an unknown id.
+        `adding`: a turn is about to be generated for it (refused first if the tenant's sessions are full)."""
         session = await self._sessions_call(self.sessions.get(session_id, owner=owner_hash(tenant)))
         if session is None:
             raise session_not_found(session_id)
+        if self.quotas is not None:  # the read restarted the session's TTL: its quota entry follows
+            await self.quotas.session_used(tenant, session_id, session.ttl_s, adding=adding)
         return session
 
-    async def _store_turn(self, session_id: str, turn: Turn, files: dict[str, bytes]) -> None:
+    async def _store_turn(self, session: Session, turn: Turn, files: dict[str, bytes], tenant: str) -> None:
+        session_id = session.session_id
         stored = await self._sessions_call(self.sessions.get_images(session_id, list(files)))
-        await self._sessions_call(
-            self.sessions.append_turn(session_id, turn, {h: d for h, d in files.items() if h not in stored})
-        )
+        new_files = {h: d for h, d in files.items() if h not in stored}
+        size = len(turn.user.encode()) + len(turn.assistant.encode()) + sum(len(d) for d in new_files.values())
+        if self.quotas is not None:
+            await self.quotas.charge_session(tenant, session_id, session.ttl_s, size)
+        try:
+            await self._sessions_call(self.sessions.append_turn(session_id, turn, new_files))
+        except BaseException:
+            if self.quotas is not None:
+                await self.quotas.charge_session(tenant, session_id, session.ttl_s, -size)
+            raise
 
     async def _sessions_call(self, awaitable):
         try:

@@ -61,6 +61,7 @@ HTTP_STATUS = {
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.DEADLINE_EXCEEDED: 504,
     ErrorKind.CANCELLED: 499,  # the client went away: nobody reads it
+    ErrorKind.QUOTA_EXCEEDED: 429,
     ErrorKind.INTERNAL: 500,
 }
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -81,7 +82,8 @@ def chat_error_response(error: ChatError) -> JSONResponse:
     headers = {}
     if error.retry_after_ms is not None:
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after_ms / 1000)))
-    elif status == 429:
+        headers["retry-after-ms"] = str(error.retry_after_ms)  # the finer hint the openai clients read
+    elif status == 429 and error.kind is not ErrorKind.QUOTA_EXCEEDED:  # a quota without a hint: waiting won't do
         headers["retry-after"] = "1"
     return error_response(status, error.message, param=error.param, code=error.kind.value, headers=headers)
 
@@ -204,15 +206,26 @@ def create_app(core: ChatCore, config: HttpConfig, *, fetcher: MediaFetcher, api
                   for i in range(req.n)]
         completion_id = f"chatcmpl-{request.state.request_id}"
         created = now()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            streams = [core.chat(inp, ctx) for inp in inputs]
-            firsts = await _first_events(streams)  # errors before any byte is sent get their status
-            body_iter = _sse(streams, firsts, completion_id, name, created, include_usage)
-            return StreamingResponse(body_iter, media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})
-        results = await _unless_disconnected(request, _all_or_none([core.complete(i, ctx) for i in inputs]))
-        return JSONResponse(completion_json(completion_id, name, created, [(r.text, r.end) for r in results]))
+        contexts = [ctx] * len(inputs)
+        admission = None
+        if core.quotas is not None and len(inputs) > 1:  # n choices are admitted together, or none
+            admission = await core.quotas.admit(ctx, [i.sampling.max_new_tokens for i in inputs])
+            contexts = [dataclasses.replace(ctx, quota_ticket=t) for t in admission.tickets]
+        try:
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                streams = [core.chat(inp, c) for inp, c in zip(inputs, contexts, strict=True)]
+                firsts = await _first_events(streams)  # errors before any byte is sent get their status
+                body_iter = _sse(streams, firsts, completion_id, name, created, include_usage)
+                admission = None  # the streams own their tickets now
+                return StreamingResponse(body_iter, media_type="text/event-stream",
+                                         headers={"cache-control": "no-cache"})
+            results = await _unless_disconnected(request, _all_or_none(
+                [core.complete(i, c) for i, c in zip(inputs, contexts, strict=True)]))
+            return JSONResponse(completion_json(completion_id, name, created, [(r.text, r.end) for r in results]))
+        finally:
+            if admission is not None:
+                admission.close()
 
     return app
 

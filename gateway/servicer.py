@@ -8,6 +8,7 @@ trailing metadata).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
@@ -43,6 +44,7 @@ GRPC_CODES = {
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
     ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.QUOTA_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 _FINISH = {"stop": decoder_pb2.FINISH_REASON_STOP, "length": decoder_pb2.FINISH_REASON_LENGTH}
@@ -87,7 +89,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if any(r.session_id for r in request.requests):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch requests cannot use sessions")
         ctx = self._context(context)
-        tasks = [asyncio.ensure_future(self.core.complete(chat_input(r), ctx)) for r in request.requests]
+        contexts = [ctx] * n
+        admission = None
+        if self.core.quotas is not None:  # the whole batch is admitted, or none of it
+            try:
+                admission = await self.core.quotas.admit(ctx, [r.generation.max_new_tokens for r in request.requests])
+            except ChatError as err:
+                await abort(context, err)
+            contexts = [dataclasses.replace(ctx, quota_ticket=t) for t in admission.tickets]
+        tasks = [asyncio.ensure_future(self.core.complete(chat_input(r), c))
+                 for r, c in zip(request.requests, contexts, strict=True)]
         try:
             done = await asyncio.gather(*tasks)
             return gateway_pb2.BatchChatResponse(responses=[unary_response(c, "") for c in done])
@@ -98,6 +109,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         finally:
             for t in tasks:
                 t.cancel()
+            if admission is not None:
+                admission.close()
         await abort(context, error)
 
     async def CreateSession(self, request, context) -> gateway_pb2.Session:

@@ -168,6 +168,11 @@ def session_prefix(session_id: str) -> str:
     return f"{shown}..." if len(session_id) > SESSION_ID_SHOWN else f"{shown!r}"
 
 
+def new_session_id() -> str:
+    """128 random bits: collisions are not a practical concern, so no existence check."""
+    return secrets.token_urlsafe(16)
+
+
 def _owned_by(stored: bytes | None, owner: str) -> bool:
     expected = LEGACY_OWNER.encode() if stored is None else bytes(stored)
     return hmac.compare_digest(expected, owner.encode())
@@ -315,11 +320,13 @@ class SessionStore:
         return min(int(ttl_s), self.config.max_ttl_s)
 
     async def create(self, system_message: str | None = None, ttl_s: int | None = None,
-                     owner: str = LEGACY_OWNER) -> Session:
-        """A new empty session of `owner` (an `owner_hash`); ttl_s None/0 = the default, capped at max_ttl_s."""
+                     owner: str = LEGACY_OWNER, session_id: str = "") -> Session:
+        """A new empty session of `owner` (an `owner_hash`); ttl_s None/0 = the default, capped at max_ttl_s.
+        `session_id`: one from `new_session_id` (when the caller must know it first), else a new one."""
         ttl = self._resolve_ttl(ttl_s)
-        # 128 random bits: collisions are not a practical concern, so no existence check.
-        session_id = secrets.token_urlsafe(16)
+        session_id = session_id or new_session_id()
+        if not _SESSION_ID.fullmatch(session_id):
+            raise ValueError("a session id is what new_session_id() makes")
         meta_key = session_keys(session_id)[0]
         now = time.time()
         meta: dict[str, str | int | float] = {"v": 1, "created_at": now, "ttl": ttl, "image_bytes": 0,

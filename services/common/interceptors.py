@@ -4,8 +4,9 @@
   context, back to the client in the initial metadata, and into `invocation_metadata()` so the
   servicer forwards it to its peers;
 - `MonitoringInterceptor`: RPC counts, latencies and status codes, and one access-log line per call;
+- `OpenStreamLimiter`: caps the keyless streams (health Watch, reflection) per connection and in all;
 - `ApiKeyInterceptor` (the gateway): `authorization: Bearer <key>` on every method but health and
-  reflection, UNAUTHENTICATED otherwise.
+  reflection, UNAUTHENTICATED otherwise, decided on the headers before the request message is received.
 
 Each wraps the method's behaviour, whatever its kind (unary or streaming either way).
 """
@@ -242,6 +243,56 @@ def _as_status(code: Any) -> grpc.StatusCode | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------- open streams
+
+# Health Watch and reflection need no key and stay open as long as the client likes: without a cap one
+# keyless connection can hold thousands of them (each a coroutine, a queue, HTTP/2 stream state). A
+# client-side health checker opens one Watch per connection, reflection tools one stream at a time.
+OPEN_STREAMS_PER_CONNECTION = 8
+OPEN_STREAMS_TOTAL = 512
+
+
+class OpenStreamLimiter(grpc.aio.ServerInterceptor):
+    """Caps the streaming calls that need no key (health Watch, reflection), per connection and in all:
+    one more is RESOURCE_EXHAUSTED at once. Unary health checks are not capped (they end at once)."""
+
+    def __init__(self, per_connection: int = OPEN_STREAMS_PER_CONNECTION, total: int = OPEN_STREAMS_TOTAL):
+        self.per_connection = per_connection
+        self.total = total
+        self._by_peer: dict[str, int] = {}  # open streams per connection (gRPC's peer: address and port)
+
+    @property
+    def open_streams(self) -> int:
+        return sum(self._by_peer.values())
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.response_streaming or \
+                not handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        return wrap_handler(handler, self._wrap)
+
+    def _wrap(self, behavior: Behavior, _streaming: bool) -> Behavior:
+        async def stream(request, context):
+            peer = context.peer() or ""
+            held = self._by_peer.get(peer, 0)
+            if held >= self.per_connection or self.open_streams >= self.total:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"too many open health/reflection streams (at most {self.per_connection} per "
+                                    f"connection, {self.total} in all): close some first")
+            self._by_peer[peer] = held + 1
+            try:
+                async for message in _responses(behavior(request, context)):
+                    yield message
+            finally:
+                left = self._by_peer[peer] - 1
+                if left:
+                    self._by_peer[peer] = left
+                else:
+                    del self._by_peer[peer]  # bounded: only connections with open streams are kept
+        return stream
+
+
 # ---------------------------------------------------------------------------------------- API keys
 
 
@@ -277,7 +328,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
         tenant, problem = self._identify(handler_call_details.invocation_metadata or ())
         if problem is not None:
-            return wrap_handler(handler, lambda _behavior, streaming: _refuse(problem, streaming))
+            return refusal_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
         return wrap_handler(handler, lambda behavior, streaming: _as_tenant(behavior, streaming, tenant))
 
     def _identify(self, metadata) -> tuple[str, str | None]:
@@ -308,13 +359,24 @@ def _as_tenant(behavior: Behavior, streaming: bool, tenant: str) -> Behavior:
     return unary
 
 
-def _refuse(message: str, streaming: bool) -> Behavior:
-    if streaming:
-        async def stream(_request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            yield  # pragma: no cover - makes this an async generator
-        return stream
+def refusal_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode,
+                    message: str) -> grpc.RpcMethodHandler | None:
+    """A handler that ends the call with `code` without receiving its request.
 
-    async def unary(_request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-    return unary
+    gRPC receives (and buffers) a unary request's whole message before its handler runs, up to the
+    server's receive limit (64 MiB): refusing in a unary handler would let a keyless caller make the
+    server hold that much per call. A request-streaming handler that never reads its iterator ends
+    the call on the headers alone; the message is never received.
+    """
+    if handler is None:
+        return None
+
+    if handler.response_streaming:
+        async def stream(_requests, context):
+            await context.abort(code, message)
+            yield  # pragma: no cover - makes this an async generator
+        return grpc.stream_stream_rpc_method_handler(stream, None, handler.response_serializer)
+
+    async def unary(_requests, context):
+        await context.abort(code, message)
+    return grpc.stream_unary_rpc_method_handler(unary, None, handler.response_serializer)

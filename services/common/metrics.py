@@ -173,3 +173,28 @@ class FeatureCacheCollector(_StateCollector):
         yield _counter("ivl_gateway_feature_cache_read_bytes", "Bytes of features read from Redis", stats.bytes_read)
         yield _counter("ivl_gateway_feature_cache_written_bytes", "Bytes of features written to Redis",
                        stats.bytes_written)
+
+
+class TenantCollector(_StateCollector):
+    """Reads the gateway's `TenantQuotas`: per tenant (label `tenant`: the API keys' names, or
+    `anonymous` on an open gateway, so a bounded set) calls admitted and refused, calls in progress on
+    this replica, tokens generated."""
+
+    def _metrics(self, quotas: Any) -> Iterator[Metric]:
+        stats = dict(quotas.stats)  # a copy: the event loop may add to it meanwhile
+        admitted = CounterMetricFamily("ivl_gateway_tenant_calls", "Chat calls admitted, per tenant", labels=["tenant"])
+        in_flight = GaugeMetricFamily("ivl_gateway_tenant_calls_in_progress", "Chat calls in progress on this replica",
+                                      labels=["tenant"])
+        tokens = CounterMetricFamily("ivl_gateway_tenant_generated_tokens", "Tokens generated, per tenant",
+                                     labels=["tenant"])
+        refused = CounterMetricFamily("ivl_gateway_quota_refusals", "Calls refused for a quota, per tenant and quota",
+                                      labels=["tenant", "quota"])
+        for tenant, s in sorted(stats.items()):
+            admitted.add_metric([tenant], s.admitted)
+            in_flight.add_metric([tenant], s.in_flight)
+            tokens.add_metric([tenant], s.generated_tokens)
+            for quota, n in sorted(s.refused.items()):
+                refused.add_metric([tenant, quota], n)
+        yield from (admitted, in_flight, tokens, refused)
+        yield _counter("ivl_gateway_quota_store_errors", "Quota checks that could not reach the session Redis "
+                       "(the call was admitted without its quota)", quotas.store_errors)

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from services.common.engine_health import EXIT_CODE as ENGINE_DEAD_EXIT_CODE
 from services.common.engine_health import EngineDead
-from services.common.interceptors import MonitoringInterceptor, RequestIdInterceptor
+from services.common.interceptors import MonitoringInterceptor, OpenStreamLimiter, RequestIdInterceptor
 from services.common.metrics import ServiceMetrics
 from services.common.security import ServerTls
 
@@ -49,6 +49,11 @@ class ServerConfig:
     tls: ServerTls | None = None  # None = plaintext
     metrics_port: int = 0  # 0 = no metrics endpoint (the services' own defaults are 9101..9103)
     metrics_host: str = ""  # "" = the gRPC host
+    # A fixed HTTP/2 receive window per stream instead of gRPC's adaptive one (0 = adaptive). The
+    # adaptive window grows to several MiB per connection on a fast link, and a caller can fill it
+    # before it is refused (keyless callers included): a public front fixes it small. Throughput per
+    # stream is then at most this much per round trip.
+    receive_window_bytes: int = 0
 
     @property
     def address(self) -> str:
@@ -90,7 +95,8 @@ class GrpcServer:
         self.health = HealthServicer()
         self.metrics = ServiceMetrics(collectors)
         self.metrics_port: int | None = None
-        standard = [RequestIdInterceptor(unique_request_ids), MonitoringInterceptor(self.metrics.rpc)]
+        standard = [RequestIdInterceptor(unique_request_ids), MonitoringInterceptor(self.metrics.rpc),
+                    OpenStreamLimiter()]
         self.server = grpc.aio.server(
             interceptors=[*standard, *interceptors],
             # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it.
@@ -101,6 +107,8 @@ class GrpcServer:
                 # gateways discover replicas an autoscaler added (headless Services, round robin).
                 ("grpc.max_connection_age_ms", 300_000),
                 ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
+                *([("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", config.receive_window_bytes)]
+                  if config.receive_window_bytes else []),
             ],
         )
         for svc in self.services:
