@@ -99,7 +99,7 @@ def _image_tiles(index: int, data: bytes, tiling: Tiling, encoder: EncoderFacts)
     size = image_size(data)
     tiles = known_tiles(None if size is None else (size.width, size.height), tiling, encoder.image_size)
     if 0 < encoder.max_request_tiles < tiles:  # the gateway encodes one image per request
-        raise BudgetError(f"image {index} would be {tiles} tiles; the vision encoder takes at most "
+        raise BudgetError(f"image {index} would be {tiles} tiles, over the vision encoder's limit of "
                           f"{encoder.max_request_tiles} per request: use a smaller tiling.max_tiles")
     return tiles
 

@@ -84,5 +84,5 @@ def video_tiles_problem(total_tiles: int, num_segments: int, limit: int) -> str 
     that takes at most `limit` tiles per request (None: it fits, or `limit` is 0 = unknown)."""
     if limit < 1 or total_tiles <= limit:
         return None
-    return (f"the video would be {total_tiles} tiles ({num_segments} segments at this tiling); the vision encoder "
-            f"takes at most {limit} tiles per request: use fewer video.num_segments or a smaller tiling.max_tiles")
+    return (f"the video would be {total_tiles} tiles ({num_segments} segments at this tiling), over the vision "
+            f"encoder's limit of {limit} tiles per request: use fewer video.num_segments or a smaller tiling.max_tiles")

@@ -294,7 +294,7 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
             tiles = sum(known_tiles(size, _limits_tiling(tiling), tiling.image_size) for size in sizes)
             if tiles > cfg.max_request_tiles:
                 raise InvalidInput(
-                    f"{len(images)} image(s) would be {tiles} tiles; the encoder takes at most "
+                    f"{len(images)} image(s) would be {tiles} tiles, over the encoder's limit of "
                     f"{cfg.max_request_tiles} tiles per request: send fewer images or a smaller tiling.max_tiles"
                 )
             jobs = [

@@ -159,12 +159,24 @@ def test_hostile_video_is_refused_before_its_frames_are_tiled(stack: Stack, enco
     peak = peak_rss_bytes(pid)
     # Declared size honest (320x240): refused before decord opens the file.
     err = refused(lambda: list(encoder.Encode(hostile_video(VIDEO), timeout=60)))
-    assert "would be 416 tiles (32 segments" in err.details() and "at most 256" in err.details()
+    assert "would be 416 tiles (32 segments" in err.details() and "limit of 256" in err.details()
     # The container claims tiny frames (1 tile each: 32 tiles pass); the first decoded frame shows 13.
     err = refused(lambda: list(encoder.Encode(hostile_video(video_declaring(16, 12)), timeout=60)))
     assert "would be 416 tiles" in err.details()
     # The same request the old encoder decoded and tiled in full: 416 float32 tiles are ~1 GB of pixel
     # values alone. Now at most one frame is decoded (320x240, a few hundred KB).
+    assert peak_rss_bytes(pid) - peak < 200 * MiB, "the encoder's peak memory grew"
+
+
+def test_images_of_too_many_tiles_are_refused_from_their_headers(stack: Stack, encoder) -> None:
+    """16 images of 2:1 at max 40 tiles: 19 tiles each, 304 in all; refused before any is decoded."""
+    pid = stack.encoder.proc.pid
+    peak = peak_rss_bytes(pid)
+    request = vision_pb2.EncodeRequest(images=vision_pb2.ImageList(images=[
+        vision_pb2.ImageInput(data=png(2000, 1000, (i, 0, 0))) for i in range(16)]),
+        tiling=vision_pb2.TilingOptions(max_tiles=40))
+    err = refused(lambda: list(encoder.Encode(request, timeout=60)))
+    assert "16 image(s) would be 304 tiles" in err.details() and "limit of 256" in err.details()
     assert peak_rss_bytes(pid) - peak < 200 * MiB, "the encoder's peak memory grew"
 
 

@@ -64,7 +64,7 @@ def test_unknown_sizes_count_nothing():
 def test_video_tiles_problem_names_the_fix():
     assert video_tiles_problem(256, 16, 256) is None and video_tiles_problem(10_000, 64, 0) is None
     problem = video_tiles_problem(257, 16, 256)
-    assert "257 tiles" in problem and "at most 256" in problem and "num_segments" in problem
+    assert "257 tiles" in problem and "limit of 256" in problem and "num_segments" in problem
 
 
 def test_images_beyond_the_context_are_refused_before_encoding():
