@@ -43,7 +43,8 @@ class Group:
 
 
 GROUPS = {
-    "tiling": Group(("services/vision_encoder/preprocess.py",), ("tests/unit/test_tiling.py",)),
+    "tiling": Group(("services/vision_encoder/preprocess.py", "services/common/tiling.py"),
+                    ("tests/unit/test_tiling.py", "tests/unit/test_tile_budget.py")),
     "template": Group(("services/language_decoder/prompt.py",), ("tests/unit/test_template.py",)),
     # The warpers (sampling.py) and the engine's batched sampler; generate()'s loop needs a model per
     # test run (minutes per mutant here): the engine and parity tests cover it.
