@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint protos run chat tiny clean mutate
+.PHONY: setup test lint protos run chat tiny clean mutate certs
 
 # One command: a virtualenv with the package and its dependencies, plus redis-server.
 setup: $(VENV)/.installed
@@ -54,6 +54,14 @@ run: setup
 	  $(if $(ENCODER_DEVICE),--encoder-device $(ENCODER_DEVICE)) \
 	  $(if $(DECODER_DEVICE),--decoder-device $(DECODER_DEVICE)) \
 	  $(if $(DTYPE),--dtype $(DTYPE)) $(RUN_ARGS)
+
+# Certificates for mutual TLS between the gateway and the encoder/decoder (a private CA, a server
+# certificate per model service, the gateway's client certificate): into deploy/certs for compose;
+# for Kubernetes give CERTS_NAMESPACE (docs/deploy.md has the `kubectl create secret` step).
+CERTS_DIR ?= deploy/certs
+CERTS_NAMESPACE ?=
+certs: setup
+	$(PY) -m services.tools.make_certs --out $(CERTS_DIR) $(foreach ns,$(CERTS_NAMESPACE),--namespace $(ns))
 
 # A random-weight InternVL2 checkpoint in the real layout (see README).
 tiny:

@@ -12,7 +12,9 @@ fill up with features). `redis+cluster://` / `rediss+cluster://` URLs name a Red
 
 Redis credentials and TLS go in the URL, as redis-py reads it: `rediss://user:password@host:6380/0`
 (`rediss` = TLS; `redis://:password@host` for a password alone); `--redis-tls-ca` names the CA that
-signed the Redis servers' certificates (default: the system's roots).
+signed the Redis servers' certificates (default: the system's roots). A URL with a password is given
+in the environment (IVL_REDIS_URL, IVL_SESSION_REDIS_URL, IVL_FEATURE_CACHE_URL): as a flag value it
+would show in every process listing, so the gateway refuses to start.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -29,6 +32,7 @@ from gateway.media import MediaFetchConfig, parse_domains
 from gateway.quota_config import QuotaTable, load_quota_file
 from gateway.redis_connect import check_url, instance_address
 from gateway.sessions import SessionConfig
+from services.common.argv_secrets import argv_secret_problem
 from services.common.flags import EnvFlags
 from services.common.logging import LOG_FORMATS
 from services.common.security import (
@@ -44,6 +48,8 @@ from services.common.server import ServerConfig
 
 ENV_PREFIX = "IVL_GATEWAY_"
 API_KEYS_ENV = "IVL_GATEWAY_API_KEYS"
+# Where Redis URLs with a password go: never a flag value (services/common/argv_secrets.py).
+REDIS_URL_ENVS = "IVL_REDIS_URL, IVL_SESSION_REDIS_URL or IVL_FEATURE_CACHE_URL"
 DEFAULT_METRICS_PORT = 9101
 DEFAULT_HTTP_PORT = 8000
 MiB = 1024 * 1024
@@ -231,6 +237,9 @@ class GatewayConfig:
         flags.add("--media-fetch-timeout", float, "seconds one media URL may take, redirects included",
                   default=10.0)
         a = p.parse_args(argv)
+        secret = argv_secret_problem(sys.argv[1:] if argv is None else argv, REDIS_URL_ENVS)
+        if secret:
+            p.error(secret)
         try:
             keys = load_api_keys(a.api_keys_file, get(API_KEYS_ENV, ""))
             if not keys and not a.insecure_open:

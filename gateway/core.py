@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from gateway import decoder_exchange
+from gateway.budget import BudgetError, DecoderFacts, EncoderFacts, check_turn_budget
 from gateway.config import GatewayConfig
 from gateway.feature_cache import (
     Entry,
@@ -236,7 +237,8 @@ class Sampling:
 
     def problem(self) -> str | None:
         return sampling_problem(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                top_k=self.top_k, repetition_penalty=self.repetition_penalty, stop=self.stop)
+                                top_k=self.top_k, repetition_penalty=self.repetition_penalty, stop=self.stop,
+                                stop_token_ids=self.stop_token_ids)
 
     def proto(self) -> decoder_pb2.SamplingParams:
         p = decoder_pb2.SamplingParams(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
@@ -362,6 +364,7 @@ class ChatCore:
         # Placeholders first: a malformed request costs no encoding.
         past_questions = [self._question(t.user) for t in request.history]
         question = self._question(request.turn)
+        await self._check_budget(request, session, ctx)
 
         videos = VideoEncodes()
         try:
@@ -475,11 +478,25 @@ class ChatCore:
                 raise bad(problem)
         problem = request.sampling.problem()
         if problem:
-            fields = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "stop")
+            fields = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "stop_token_ids", "stop")
             raise bad(problem, next((f for f in fields if problem.startswith(f) or f"{f} " in problem), None))
         if request.sampling.max_new_tokens > cfg.max_new_tokens:  # the longest generation a drain covers
             raise bad(f"max_new_tokens must be <= {cfg.max_new_tokens} (this gateway's --max-new-tokens), "
                       f"got {request.sampling.max_new_tokens}", "max_new_tokens")
+
+    async def _check_budget(self, request: ChatInput, session: Session | None, ctx: RequestContext) -> None:
+        """Refuse, before any encode, images the encoder or the decoder's context cannot take."""
+        turns = [p.user for p in request.history] + [request.turn]
+        stored = [ref.num_tiles for t in session.turns for ref in t.images] if session is not None else []
+        if not stored and not any(t.images or t.video is not None for t in turns):
+            return
+        encoder = await self._call_peer("vision encoder", self.encoder.model_info(ctx.timeout_s))
+        decoder = await self._call_peer("language decoder", self.decoder.model_info(ctx.timeout_s))
+        try:
+            check_turn_budget(turns, stored, request.sampling.max_new_tokens, EncoderFacts.of(encoder),
+                              DecoderFacts.of(decoder))
+        except BudgetError as exc:
+            raise ChatError(ErrorKind.INVALID_ARGUMENT, str(exc)) from exc
 
     @staticmethod
     def _question(turn: UserTurn) -> str:

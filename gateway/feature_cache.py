@@ -280,6 +280,7 @@ class CacheStats:
     oversize: int = 0  # entries not cached for exceeding max_entry_bytes
     computes: int = 0
     coalesced: int = 0  # callers that joined an identical in-flight lookup in this process
+    abandoned: int = 0  # lookups (and their encodes) cancelled because every caller had left
     lock_waits: int = 0  # lookups that waited on another replica's compute
     bytes_read: int = 0
     bytes_written: int = 0
@@ -306,6 +307,7 @@ class FeatureCache:
         self.config = config or FeatureCacheConfig()
         self.stats = CacheStats()
         self._inflight: dict[str, asyncio.Future[tuple[Entry, bool]]] = {}
+        self._waiters: dict[asyncio.Future[tuple[Entry, bool]], int] = {}  # callers awaiting each in-flight task
         self._unavailable_until = 0.0
         self._unlock_script = client.register_script(_UNLOCK_LUA)
 
@@ -375,8 +377,8 @@ class FeatureCache:
 
         Concurrent callers for one key share one lookup and one compute, and all get its result
         or its exception. The shared work is shielded from any one caller's cancellation (a client
-        hanging up must not fail the others); if every caller leaves, it still finishes and fills
-        the cache, so `compute` must bound its own time (e.g. a gRPC deadline).
+        hanging up must not fail the others); once every caller has left, it is cancelled: nobody
+        is left to pay for (an encode nobody waits for only delays everyone else's).
         """
         task = self._inflight.get(key)
         if task is None:
@@ -385,7 +387,16 @@ class FeatureCache:
             task.add_done_callback(functools.partial(self._release_slot, key))
         else:
             self.stats.coalesced += 1
-        return await asyncio.shield(task)
+        self._waiters[task] = self._waiters.get(task, 0) + 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            self._waiters[task] -= 1
+            if not self._waiters[task]:
+                del self._waiters[task]
+                if not task.done():
+                    self.stats.abandoned += 1
+                    task.cancel()
 
     def _release_slot(self, key: str, task: asyncio.Future[tuple[Entry, bool]]) -> None:
         if self._inflight.get(key) is task:

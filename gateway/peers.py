@@ -83,18 +83,22 @@ class EncoderClient:
                 raise PeerProtocolError(f"encoder item {header.index}: {exc}") from exc
             items.append((header, Entry(header.tensor.dtype, tuple(header.tensor.shape), payload)))
 
-        async for msg in self._stub.Encode(request, timeout=timeout, metadata=metadata):
-            if msg.HasField("header"):
-                if buf is not None:
-                    finish()
-                header = msg.header
-                try:
-                    buf = Reassembler(header.tensor, max_bytes=self._max_item_bytes)
-                except WireError as exc:
-                    raise PeerProtocolError(f"encoder sent a bad header: {exc}") from exc
-            else:
-                if buf is None or buf.feed(msg.chunk) != len(msg.chunk):
-                    raise PeerProtocolError("encoder sent bytes beyond the announced tensor")
+        call = self._stub.Encode(request, timeout=timeout, metadata=metadata)
+        try:
+            async for msg in call:
+                if msg.HasField("header"):
+                    if buf is not None:
+                        finish()
+                    header = msg.header
+                    try:
+                        buf = Reassembler(header.tensor, max_bytes=self._max_item_bytes)
+                    except WireError as exc:
+                        raise PeerProtocolError(f"encoder sent a bad header: {exc}") from exc
+                else:
+                    if buf is None or buf.feed(msg.chunk) != len(msg.chunk):
+                        raise PeerProtocolError("encoder sent bytes beyond the announced tensor")
+        finally:
+            call.cancel()  # no-op once finished; a cancelled caller (or a bad stream) stops the encode
         if buf is not None:
             finish()
         return items

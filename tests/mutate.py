@@ -43,10 +43,12 @@ class Group:
 
 
 GROUPS = {
-    # Tiling plus the rest of preprocessing (image opening, video frame sampling and its size checks).
+    # Tiling plus the rest of preprocessing (image opening, video frame sampling and its size checks),
+    # and the torch-free tile counting and container probe the gateway shares.
     "tiling": Group(
-        ("services/vision_encoder/preprocess.py",),
-        ("tests/unit/test_tiling.py", "tests/unit/test_input_limits.py", "tests/parity/test_preprocess.py"),
+        ("services/vision_encoder/preprocess.py", "services/common/tiling.py", "services/common/video_probe.py"),
+        ("tests/unit/test_tiling.py", "tests/unit/test_tile_budget.py", "tests/unit/test_input_limits.py",
+         "tests/parity/test_preprocess.py"),
     ),
     "template": Group(
         ("services/language_decoder/prompt.py",),

@@ -78,7 +78,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("fingerprint", "image_size", "tokens_per_tile", "hidden_size", "default_max_tiles", "default_use_thumbnail", "dtype")
+    __slots__ = ("fingerprint", "image_size", "tokens_per_tile", "hidden_size", "default_max_tiles", "default_use_thumbnail", "dtype", "max_request_tiles")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class ModelInfo(_message.Message):
     DEFAULT_MAX_TILES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_USE_THUMBNAIL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TILES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     image_size: int
     tokens_per_tile: int
@@ -93,4 +94,5 @@ class ModelInfo(_message.Message):
     default_max_tiles: int
     default_use_thumbnail: bool
     dtype: _tensor_pb2.DType
-    def __init__(self, fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., hidden_size: _Optional[int] = ..., default_max_tiles: _Optional[int] = ..., default_use_thumbnail: _Optional[bool] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+    max_request_tiles: int
+    def __init__(self, fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., hidden_size: _Optional[int] = ..., default_max_tiles: _Optional[int] = ..., default_use_thumbnail: _Optional[bool] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., max_request_tiles: _Optional[int] = ...) -> None: ...

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from services.common.logging import LOG_FORMATS
-from services.common.security import SecurityConfigError, ServerTls
+from services.common.security import SecurityConfigError, ServerTls, is_loopback_host
 
 _NO_DEFAULT = object()
 
@@ -62,6 +62,11 @@ def add_serving_flags(flags: EnvFlags) -> None:
     flags.add("--tls-cert", str, "PEM certificate chain: serve TLS (with --tls-key)")
     flags.add("--tls-key", str, "PEM private key of --tls-cert")
     flags.add("--tls-ca", str, "PEM CA bundle: require client certificates it signed (mutual TLS)")
+    flags.add("--health-port", int, "plaintext port serving only grpc.health.v1, for probes that cannot "
+              "present a client certificate (Kubernetes' native gRPC probes); 0 = off")
+    flags.add_switch("--allow-unauthenticated-peers", "serve a non-loopback --host without mutual TLS: whoever "
+                     "reaches the port may call the model (and fill the decoder's caches); only behind a mesh "
+                     "that authenticates peers itself")
 
 
 def serving_problems(cfg: Any) -> list[str]:
@@ -73,11 +78,26 @@ def serving_problems(cfg: Any) -> list[str]:
         problems.append(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
     if not 0 <= cfg.metrics_port <= 65535:
         problems.append("--metrics-port must be in [0, 65535]")
+    if not 0 <= cfg.health_port <= 65535:
+        problems.append("--health-port must be in [0, 65535]")
     try:
-        server_tls(cfg)
+        tls = server_tls(cfg)
     except SecurityConfigError as exc:
         problems.append(str(exc))
+    else:
+        problems += peer_trust_problems(cfg.host, tls, cfg.allow_unauthenticated_peers)
     return problems
+
+
+def peer_trust_problems(host: str, tls: ServerTls | None, allow_unauthenticated: bool) -> list[str]:
+    """The encoder and decoder trust their callers (the decoder caches what they send): beyond this machine
+    they take calls only from peers with a certificate from --tls-ca, unless told otherwise."""
+    if is_loopback_host(host) or (tls is not None and tls.mutual) or allow_unauthenticated:
+        return []
+    return [f"--host {host} reaches beyond this machine, and without mutual TLS anyone who reaches it could "
+            "call the model and place entries in its caches: give --tls-cert, --tls-key and --tls-ca (certificates "
+            "from `make certs`), bind 127.0.0.1, or pass --allow-unauthenticated-peers if a service mesh "
+            "authenticates peers"]
 
 
 def server_tls(cfg: Any) -> ServerTls | None:

@@ -55,6 +55,7 @@ def video_segments_problem(num_segments: int) -> str | None:
 def sampling_problem(
     *, max_new_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
     top_k: int | None = None, repetition_penalty: float | None = None, stop: tuple[str, ...] = (),
+    stop_token_ids: tuple[int, ...] = (),
 ) -> str | None:
     """What is wrong with these sampling values (None: nothing); unset values are the defaults.
 
@@ -77,6 +78,10 @@ def sampling_problem(
         return f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_STRING_CHARS} characters"
     if any(not s for s in stop):
         return "stop strings must be non-empty"
+    if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        return f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS}, got {len(stop_token_ids)}"
+    if any(t < 0 for t in stop_token_ids):
+        return "stop_token_ids must be >= 0 (token ids of the model's vocabulary)"
     return None
 
 
@@ -88,4 +93,4 @@ def proto_sampling_problem(params) -> str | None:
 
     return sampling_problem(max_new_tokens=params.max_new_tokens, temperature=opt("temperature"),
                             top_p=opt("top_p"), top_k=opt("top_k"), repetition_penalty=opt("repetition_penalty"),
-                            stop=tuple(params.stop))
+                            stop=tuple(params.stop), stop_token_ids=tuple(params.stop_token_ids))

@@ -159,6 +159,7 @@ _CACHE_COUNTERS = (
     ("oversize", "Entries not cached for exceeding the size limit"),
     ("computes", "Features computed by the encoder on a miss"),
     ("coalesced", "Lookups that joined an identical in-flight lookup in this process"),
+    ("abandoned", "Lookups (and their encodes) cancelled because every caller had left"),
     ("lock_waits", "Lookups that waited on another replica's compute"),
 )
 

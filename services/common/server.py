@@ -54,6 +54,9 @@ class ServerConfig:
     # before it is refused (keyless callers included): a public front fixes it small. Throughput per
     # stream is then at most this much per round trip.
     receive_window_bytes: int = 0
+    # A second, plaintext port serving only grpc.health.v1 (the same states): for probes that cannot
+    # present a client certificate to an mTLS port (Kubernetes' native gRPC probes). 0 = none.
+    health_port: int = 0
 
     @property
     def address(self) -> str:
@@ -118,6 +121,7 @@ class GrpcServer:
         names = [svc.name for svc in self.services]
         reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], self.server)
         self.port: int | None = None
+        self.health_server: grpc.aio.Server | None = None
         self._draining = False
 
     async def start(self) -> int:
@@ -133,8 +137,19 @@ class GrpcServer:
         await self.server.start()
         mode = "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS")
         log.info("listening on %s:%d (%s)", self.config.host, self.port, mode)
+        if self.config.health_port:
+            await self._start_health_port()
         self.metrics_port = self.metrics.serve(self.config.metrics_host or self.config.host, self.config.metrics_port)
         return self.port
+
+    async def _start_health_port(self) -> None:
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        address = ServerConfig(host=self.config.host, port=self.config.health_port).address
+        if not self.health_server.add_insecure_port(address):
+            raise RuntimeError(f"could not bind the health port {address}")
+        await self.health_server.start()
+        log.info("health checks only, plaintext, on %s", address)
 
     async def set_serving(self, serving: bool) -> None:
         """Publish the readiness state; SERVING is ignored once the drain has begun."""
@@ -153,6 +168,8 @@ class GrpcServer:
             await self.server.stop(None if now else self.config.grace_seconds)
         finally:
             self.metrics.close()
+            if self.health_server is not None:
+                await self.health_server.stop(None)
 
 
 def run_until_exit(main: Coroutine[object, object, None]) -> None:

@@ -26,7 +26,7 @@ class DecoderConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: str = "auto"  # auto = bf16 on accelerators, fp32 on CPU
     quantize: str = NO_QUANTIZATION  # int8: decoder-block weights int8 (half of bf16's bytes), weight-only
-    host: str = "127.0.0.1"  # loopback unless told otherwise: the decoder has no auth
+    host: str = "127.0.0.1"  # beyond loopback only with mutual TLS (flags.peer_trust_problems)
     port: int = DEFAULT_PORT
     max_model_len: int = 8192  # InternVL2-8B's training context
     max_num_seqs: int = 64
@@ -56,6 +56,8 @@ class DecoderConfig:
     tls_cert: str = ""  # with tls_key: serve TLS
     tls_key: str = ""
     tls_ca: str = ""  # require client certificates signed by this CA (mutual TLS)
+    health_port: int = 0  # plaintext health-only port for probes (0 = off)
+    allow_unauthenticated_peers: bool = False  # a non-loopback host without mutual TLS (see flags.py)
 
     def __post_init__(self) -> None:
         errors = [
@@ -88,7 +90,8 @@ class DecoderConfig:
         # Requests carry image embeddings in chunks of a few MiB; responses are small text deltas.
         return ServerConfig(host=self.host, port=self.port, max_receive_message_bytes=16 * MiB,
                             grace_seconds=self.grace_seconds, tls=server_tls(self),
-                            metrics_port=self.metrics_port, metrics_host=self.metrics_host)
+                            metrics_port=self.metrics_port, metrics_host=self.metrics_host,
+                            health_port=self.health_port)
 
     @staticmethod
     def _auto(value: str, device: str) -> bool:

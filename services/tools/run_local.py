@@ -20,8 +20,10 @@ gateway address and then either
   stdout) and stops everything; with `--demo --keep-serving` it stays up after the demo instead.
 
 The gateway is open (no API key) when it listens on loopback only, the default; `--api-keys-file`
-makes it require keys (the demo then sends the first one), and a `--host` beyond loopback needs keys
-or an explicit `--insecure-open`.
+makes it require keys (the demo then sends the first one), and a `--host` beyond loopback needs keys.
+The encoder and decoder always listen on 127.0.0.1 in PLAINTEXT: only processes on this machine reach
+them, and any of them could call the models directly (and fill the decoder's caches). That is the
+trust boundary of this launcher; deployments (deploy/) run them with mutual TLS instead.
 
 A child that exits, or does not become SERVING within `--start-timeout`, stops the whole run with
 an error that carries the tail of its log. This module is torch-free: it only starts processes.
@@ -50,6 +52,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.argv_secrets import argv_secret_problem
 from services.common.quantization import NO_QUANTIZATION, QUANTIZE_CHOICES
 from services.common.security import is_loopback_host
 
@@ -63,6 +66,7 @@ REDIS_SERVER_ENV = "REDIS_SERVER"
 REDIS_CONF_DIR = REPO_ROOT / "deploy" / "k8s" / "redis"  # the same files compose and Kubernetes run
 SESSIONS_DATA = "redis-sessions-data"
 API_KEYS_ENV = "IVL_GATEWAY_API_KEYS"  # the gateway's own; its first key is the demo's
+REDIS_URL_ENV = "IVL_REDIS_URL"  # --redis-url's default: a URL with a password is given here only
 CLIENT_KEY_ENV = "IVL_API_KEY"  # what gateway.cli sends
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -244,10 +248,11 @@ class Stack:
         else:
             self.launch([encoder, decoder])
         self.http_port = 0 if a.http_port < 0 else port_or_free(a.host, a.http_port)
+        # The stores' URLs by environment: a --redis-url may hold a password, never put on a command line.
+        self.env.update(IVL_SESSION_REDIS_URL=self.redis_urls["sessions"],
+                        IVL_FEATURE_CACHE_URL=self.redis_urls["features"])
         gateway = Child("gateway", [py, "-m", "gateway", "--host", a.host, "--encoder", encoder.address,
-                                    "--decoder", decoder.address, "--session-redis-url", self.redis_urls["sessions"],
-                                    "--feature-cache-url", self.redis_urls["features"],
-                                    "--http-port", str(self.http_port),
+                                    "--decoder", decoder.address, "--http-port", str(self.http_port),
                                     *self.auth_args(), *metrics, *shlex.split(a.gateway_args)],
                         self.run_dir / "gateway.log", a.port, host=a.host)
         self.launch([gateway])
@@ -479,11 +484,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"API keys the gateway accepts, one per line (or env {API_KEYS_ENV}); "
                         "needed with a --host beyond loopback. Without keys a loopback gateway is open")
     p.add_argument("--insecure-open", action="store_true",
-                   help="serve a non-loopback --host without API keys (trusted networks only)")
+                   help="serve without API keys (the default on loopback; a non-loopback --host is refused)")
     p.add_argument("--no-metrics", action="store_true",
                    help="no Prometheus endpoints (default: the services' own, ports 9101-9103)")
-    p.add_argument("--redis-url", help="use this Redis for both stores instead of starting two redis-servers "
-                                       "(the gateway then warns that one eviction policy serves both)")
+    p.add_argument("--redis-url", default=os.environ.get(REDIS_URL_ENV) or None,
+                   help="use this Redis for both stores instead of starting two redis-servers (the gateway then "
+                        f"warns that one eviction policy serves both); with a password: env {REDIS_URL_ENV} only")
     p.add_argument("--session-redis-port", type=int, default=0, help="port of the session store (0 = a free one)")
     p.add_argument("--feature-redis-port", type=int, default=0, help="port of the feature cache (0 = a free one)")
     p.add_argument("--session-redis-maxmemory", default="1gb",
@@ -505,6 +511,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"image of the demo chat (default {DEMO_IMAGE.name} from the dev kit)")
     p.add_argument("--demo-max-new-tokens", type=int, default=128)
     args = p.parse_args(argv)
+    secret = argv_secret_problem(sys.argv[1:] if argv is None else argv, REDIS_URL_ENV)
+    if secret:
+        p.error(secret)
     if args.keep_serving and not args.demo:
         p.error("--keep-serving goes with --demo (without --demo the stack always keeps serving)")
     for flag in ("port", "encoder_port", "decoder_port", "session_redis_port", "feature_redis_port"):
@@ -537,6 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = stack.start(model)
         auth = "API keys required" if first_api_key(args) else "open: no API key"
         say(f"gateway ready at {target} ({auth}; model {model}; logs in {args.run_dir}/)")
+        say("encoder and decoder: plaintext on 127.0.0.1, no peer authentication (anyone on this machine can "
+            "call them); deploy/ runs them with mutual TLS")
         if stack.http_port:
             host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
             say(f"OpenAI-compatible HTTP API at http://{host}:{stack.http_port}/v1 (model id: "

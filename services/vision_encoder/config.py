@@ -34,7 +34,7 @@ class EncoderConfig:
     model: str  # checkpoint directory or Hub repo id (OpenGVLab/InternVL2-8B)
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: str = "auto"  # auto = bf16 on accelerators, fp32 on CPU
-    host: str = "127.0.0.1"  # loopback unless told otherwise: the encoder has no auth
+    host: str = "127.0.0.1"  # beyond loopback only with mutual TLS (flags.peer_trust_problems)
     port: int = DEFAULT_PORT
     # Tiles per forward pass. One InternVL2-8B tile is 1025 ViT tokens; 32 tiles keep activations
     # well under a GiB in bf16 while filling an H100.
@@ -63,6 +63,8 @@ class EncoderConfig:
     tls_cert: str = ""  # with tls_key: serve TLS
     tls_key: str = ""
     tls_ca: str = ""  # require client certificates signed by this CA (mutual TLS)
+    health_port: int = 0  # plaintext health-only port for probes (0 = off)
+    allow_unauthenticated_peers: bool = False  # a non-loopback host without mutual TLS (see flags.py)
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -96,6 +98,11 @@ class EncoderConfig:
             raise ConfigError("; ".join(errors))
 
     @property
+    def max_request_tiles(self) -> int:
+        """The most tiles one request may become: the batcher admits no more at once (TooLarge)."""
+        return self.max_queued_tiles
+
+    @property
     def max_send_bytes(self) -> int:
         # Responses are chunked, so the send limit only needs to fit one chunk; keep gRPC's default floor.
         return max(16 * MiB, 2 * DEFAULT_CHUNK_BYTES)
@@ -113,6 +120,7 @@ class EncoderConfig:
             tls=server_tls(self),
             metrics_port=self.metrics_port,
             metrics_host=self.metrics_host,
+            health_port=self.health_port,
         )
 
     @classmethod

@@ -11,13 +11,20 @@ quirks included; the parity kit's goldens are the definition of correct.
 from __future__ import annotations
 
 import io
-import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+# The grid choice and the container probe are pure (the torch-free gateway counts tiles with them too);
+# re-exported here, where upstream's pipeline reads them.
+from services.common.tiling import find_closest_aspect_ratio as find_closest_aspect_ratio
+from services.common.tiling import target_ratios as target_ratios
+from services.common.tiling import tile_grid, video_tiles_problem
+from services.common.video_probe import declared_video_size as declared_video_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,49 +45,6 @@ class TilingConfig:
     use_thumbnail: bool = True
 
 
-def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
-    """All (cols, rows) grids with min_num <= cols*rows <= max_num, ordered as upstream.
-
-    Upstream builds a Python ``set`` and stably sorts it by area, so grids of equal area keep the set's
-    iteration order. That order decides near-ties in ``find_closest_aspect_ratio``, so the set is built
-    the same way here (int-tuple hashes are deterministic in CPython, so the order is too).
-    """
-    ratios = {
-        (i, j)
-        for n in range(min_num, max_num + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_num <= i * j <= max_num
-    }
-    return sorted(ratios, key=lambda r: r[0] * r[1])
-
-
-def find_closest_aspect_ratio(
-    aspect_ratio: float,
-    ratios: list[tuple[int, int]],
-    width: int,
-    height: int,
-    image_size: int,
-) -> tuple[int, int]:
-    """Grid whose cols/rows is closest to ``aspect_ratio``.
-
-    On an exact tie the later (larger) grid wins only if the image has enough pixels to fill more than
-    half of it: ``width*height > 0.5 * image_size**2 * cols * rows`` (upstream's rule, so small images
-    are not blown up onto many tiles).
-    """
-    best_diff = float("inf")
-    best = (1, 1)
-    area = width * height
-    for ratio in ratios:
-        diff = abs(aspect_ratio - ratio[0] / ratio[1])
-        if diff < best_diff:
-            best_diff = diff
-            best = ratio
-        elif diff == best_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
-            best = ratio
-    return best
-
-
 def dynamic_preprocess(
     image: Image.Image,
     min_num: int = 1,
@@ -95,9 +59,7 @@ def dynamic_preprocess(
     only when there is more than one tile.
     """
     width, height = image.size
-    cols, rows = find_closest_aspect_ratio(
-        width / height, target_ratios(min_num, max_num), width, height, image_size
-    )
+    cols, rows = tile_grid(width, height, min_num, max_num, image_size)
     resized = image.resize((image_size * cols, image_size * rows))
     tiles = [
         resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
@@ -180,6 +142,18 @@ class FrameTooLarge(ValueError):
     """A video's frames are over the pixel cap (or absurdly thin); the message says by how much."""
 
 
+class VideoTooManyTiles(FrameTooLarge):
+    """A video's sampled frames would become more tiles than one request may hold."""
+
+
+@dataclass(frozen=True)
+class TileBudget:
+    """The most tiles one video may become, and how many tiles a width x height frame becomes."""
+
+    max_tiles: int
+    tiles_for_size: Callable[[int, int], int]
+
+
 # Beyond this width:height (either way) an image or frame is a strip, not a picture: rejected.
 MAX_ASPECT_RATIO = 200
 
@@ -197,62 +171,12 @@ def check_image_size(width: int, height: int, max_pixels: int, what: str) -> str
     return None
 
 
-def _mp4_boxes(data: bytes | bytearray, start: int, end: int):
-    """(type, body start, box end) of each ISO-BMFF box in data[start:end]; stops at a malformed one."""
-    pos = start
-    while pos + 8 <= end:
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        header = 8
-        if size == 1:  # 64-bit size
-            if pos + 16 > end:
-                return
-            (size,) = struct.unpack_from(">Q", data, pos + 8)
-            header = 16
-        elif size == 0:  # to the end of the enclosing box
-            size = end - pos
-        if size < header or pos + size > end:
-            return
-        yield kind, pos + header, pos + size
-        pos += size
-
-
-def _mp4_find(data: bytes | bytearray, start: int, end: int, path: tuple[bytes, ...]):
-    """(body start, end) of every box reached by the box-type `path` below data[start:end]."""
-    for kind, body, stop in _mp4_boxes(data, start, end):
-        if kind == path[0]:
-            if len(path) == 1:
-                yield body, stop
-            else:
-                yield from _mp4_find(data, body, stop, path[1:])
-
-
-def declared_video_size(data: bytes | bytearray) -> tuple[int, int] | None:
-    """The largest frame size an MP4/MOV file declares for its video tracks, read without decoding.
-
-    decord reports no frame size short of decoding a frame, so the pixel cap is first checked on the
-    container's own metadata: the width and height of each video track's sample entry (`stsd`, e.g.
-    `avc1`). None when the data is not ISO-BMFF or declares no video track. A file whose container
-    lies is still caught frame by frame as frames are decoded (see `read_video_frames`).
-    """
-    sizes = []
-    for trak, trak_end in _mp4_find(data, 0, len(data), (b"moov", b"trak")):
-        # hdlr: version/flags (4), pre_defined (4), then the handler type ('vide' for video).
-        handlers = [bytes(data[b + 8 : b + 12]) for b, e in _mp4_find(data, trak, trak_end, (b"mdia", b"hdlr"))]
-        if handlers != [b"vide"]:
-            continue
-        for body, stop in _mp4_find(data, trak, trak_end, (b"mdia", b"minf", b"stbl", b"stsd")):
-            # stsd: version/flags (4), entry count (4), then a VisualSampleEntry: size (4), format (4),
-            # reserved (6), data_reference_index (2), pre_defined/reserved (16), width (2), height (2).
-            if body + 8 + 36 <= stop:
-                sizes.append(struct.unpack_from(">HH", data, body + 8 + 32))
-    return max(sizes, key=lambda wh: wh[0] * wh[1]) if sizes else None
-
-
 def read_video_frames(
     source: bytes | str | Path,
     bound: tuple[float, float] | None = None,
     num_segments: int = 32,
     max_pixels: int | None = None,
+    budget: TileBudget | None = None,
 ) -> tuple[np.ndarray, list[Image.Image]]:
     """Decode the frames upstream's ``load_video`` samples: ``(frame_indices, RGB frames)``.
 
@@ -264,6 +188,10 @@ def read_video_frames(
     on the size the container declares before decord opens the file, and again on every decoded frame
     before the next one is decoded (a stream may lie or change size), so at most one oversized frame
     is ever decoded.
+
+    With ``budget``, the frames' total tile count is checked the same way: on the declared size before
+    anything is decoded, then after each decoded frame, counting the frames still to come at that
+    frame's size, so a video bound to be refused costs at most one decoded frame, never its tiles.
     """
     from decord import DECORDError, VideoReader, cpu  # heavy native import, only needed for video
 
@@ -272,9 +200,11 @@ def read_video_frames(
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ValueError("empty video input")
-        declared = declared_video_size(source) if max_pixels is not None else None
-        if declared is not None:
+        declared = declared_video_size(source) if max_pixels is not None or budget is not None else None
+        if declared is not None and max_pixels is not None:
             _check_frame(*declared, max_pixels, "the video's frames (as its container declares them)")
+        if declared is not None and budget is not None:
+            _check_tiles(budget, budget.tiles_for_size(*declared) * num_segments, num_segments)
         uri: io.BytesIO | str = io.BytesIO(source)
     else:
         uri = str(source)
@@ -292,13 +222,18 @@ def read_video_frames(
     if indices.min() < 0 or indices.max() > max_frame:
         raise ValueError(f"bound {bound} selects frames outside the video (0..{max_frame})")
     frames = []
-    for idx in indices:
+    tiles = 0
+    for i, idx in enumerate(indices):
         try:
             array = vr[int(idx)].asnumpy()
         except (DECORDError, RuntimeError) as exc:
             raise ValueError(f"cannot decode video frame {int(idx)}: {exc}") from exc
         if max_pixels is not None:
             _check_frame(array.shape[1], array.shape[0], max_pixels, f"video frame {int(idx)}")
+        if budget is not None:
+            this_frame = budget.tiles_for_size(array.shape[1], array.shape[0])
+            tiles += this_frame
+            _check_tiles(budget, tiles + this_frame * (num_segments - i - 1), num_segments)
         frames.append(Image.fromarray(array).convert("RGB"))
     return indices, frames
 
@@ -307,6 +242,12 @@ def _check_frame(width: int, height: int, max_pixels: int, what: str) -> None:
     problem = check_image_size(width, height, max_pixels, what)
     if problem is not None:
         raise FrameTooLarge(problem)
+
+
+def _check_tiles(budget: TileBudget, total: int, num_segments: int) -> None:
+    problem = video_tiles_problem(total, num_segments, budget.max_tiles)
+    if problem is not None:
+        raise VideoTooManyTiles(problem)
 
 
 def load_video(

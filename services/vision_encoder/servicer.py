@@ -13,12 +13,17 @@ and answered INTERNAL. No input may take the process down:
 - animated images (GIF, WebP, APNG, multi-page TIFF) are read as their first frame, exactly as
   upstream's `Image.open(...).convert('RGB')` does; the other frames are never decoded;
 - videos: the frame size the container declares is checked before decord opens the file, and
-  every decoded frame is checked before the next is decoded.
+  every decoded frame is checked before the next is decoded;
+- tiles: a request's tile count (images: from their headers; video: segments x the declared, then
+  decoded, frame size) is checked against the most one request may hold (`--max-queued-tiles`, also
+  reported as ModelInfo.max_request_tiles) before any tile is cut, so an oversized request costs a
+  header read (or one decoded frame), never gigabytes of pixel values.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import math
@@ -37,9 +42,10 @@ from services.common.device_memory import device_memory
 from services.common.engine_health import EngineHealth, EngineHealthConfig
 from services.common.fingerprint import model_fingerprint
 from services.common.fit import DeviceMemory
-from services.common.limits import DEFAULT_VIDEO_MAX_TILES, resolve_tiling
+from services.common.limits import DEFAULT_VIDEO_MAX_TILES, Tiling, resolve_tiling
 from services.common.model_config import InternVLConfig
 from services.common.tensors import TORCH_TO_WIRE, tensor_to_wire
+from services.common.tiling import known_tiles, tile_count
 from services.common.wire import DTYPE_NAMES, ITEMSIZE, iter_chunks
 from services.vision_encoder.batcher import Batcher, BatcherClosed, ForwardFn, Overloaded, TooLarge
 from services.vision_encoder.config import EncoderConfig
@@ -47,6 +53,7 @@ from services.vision_encoder.fit_check import check_encoder_fits
 from services.vision_encoder.model import load_vision_encoder
 from services.vision_encoder.preprocess import (
     FrameTooLarge,
+    TileBudget,
     TilingConfig,
     check_image_size,
     dynamic_preprocess,
@@ -197,6 +204,7 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
             default_max_tiles=mc.max_dynamic_patch,
             default_use_thumbnail=mc.use_thumbnail,
             dtype=runtime.wire_dtype,
+            max_request_tiles=self.config.max_request_tiles,
         )
 
     async def Encode(
@@ -290,6 +298,13 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
                     "split them over several requests"
                 )
             tiling = self._tiling(request.tiling, runtime.model_config, video=False)
+            sizes = await loop.run_in_executor(self._pool, _declared_sizes, [image.data for image in images])
+            tiles = sum(known_tiles(size, _limits_tiling(tiling), tiling.image_size) for size in sizes)
+            if tiles > cfg.max_request_tiles:
+                raise InvalidInput(
+                    f"{len(images)} image(s) would be {tiles} tiles, over the encoder's limit of "
+                    f"{cfg.max_request_tiles} tiles per request: send fewer images or a smaller tiling.max_tiles"
+                )
             jobs = [
                 loop.run_in_executor(
                     self._pool, _decode_image, image.data, i, tiling, cfg.max_pixels_per_image
@@ -309,8 +324,10 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
                 )
             bound = _video_bound(video)
             tiling = self._tiling(request.tiling, runtime.model_config, video=True)
+            budget = TileBudget(cfg.max_request_tiles, functools.partial(
+                _frame_tiles, _limits_tiling(tiling), tiling.image_size))
             return await loop.run_in_executor(
-                self._pool, _decode_video, video.data, bound, segments, tiling, cfg.max_pixels_per_image
+                self._pool, _decode_video, video.data, bound, segments, tiling, cfg.max_pixels_per_image, budget
             )
         raise InvalidInput("the request has no input; set images (with at least one image) or video")
 
@@ -341,6 +358,27 @@ def _video_bound(video: vision_pb2.VideoInput) -> tuple[float, float] | None:
     return start, end
 
 
+def _limits_tiling(tiling: TilingConfig) -> Tiling:
+    return Tiling(max_tiles=tiling.max_num, min_tiles=tiling.min_num, use_thumbnail=tiling.use_thumbnail)
+
+
+def _frame_tiles(tiling: Tiling, image_size: int, width: int, height: int) -> int:
+    return tile_count(width, height, tiling, image_size)
+
+
+def _declared_sizes(images: list[bytes]) -> list[tuple[int, int] | None]:
+    """Each image's size as its header declares it (nothing decoded); None where it cannot be read
+    (`_decode_image` then says what is wrong)."""
+    sizes: list[tuple[int, int] | None] = []
+    for data in images:
+        try:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                sizes.append(image.size)
+        except Exception:  # noqa: BLE001 - any unreadable header is reported by the decode itself
+            sizes.append(None)
+    return sizes
+
+
 def _decode_image(data: bytes, index: int, tiling: TilingConfig, max_pixels: int) -> torch.Tensor:
     what = f"images[{index}]"
     if not data:
@@ -368,10 +406,12 @@ def _decode_image(data: bytes, index: int, tiling: TilingConfig, max_pixels: int
 
 
 def _decode_video(
-    data: bytes, bound: tuple[float, float] | None, segments: int, tiling: TilingConfig, max_pixels: int
+    data: bytes, bound: tuple[float, float] | None, segments: int, tiling: TilingConfig, max_pixels: int,
+    budget: TileBudget,
 ) -> list[_Item]:
     try:
-        indices, frames = read_video_frames(data, bound=bound, num_segments=segments, max_pixels=max_pixels)
+        indices, frames = read_video_frames(data, bound=bound, num_segments=segments, max_pixels=max_pixels,
+                                            budget=budget)
     except FrameTooLarge as exc:
         raise InvalidInput(str(exc)) from exc
     except ValueError as exc:

@@ -77,8 +77,12 @@ HPA_METRICS = {  # the load signal each side scales on
     "decoder": {("Pods", "ivl_decoder_active_sequences"), ("Pods", "ivl_decoder_kv_cache_usage_ratio")},
     "gateway": {("Resource", "cpu")},
 }
-# Env vars naming files or TLS material are not handed to the parsers here (the files do not exist).
-_FILE_ENV = re.compile(r"_(FILE|TLS_CERT|TLS_KEY|TLS_CA)$")
+# The plaintext port of the encoder and decoder that answers health checks only (their gRPC port takes
+# mutual TLS, which the kubelet's native gRPC probes cannot speak); the gateway is probed on its own port.
+HEALTH_PORTS = {"encoder": 50062, "decoder": 50063, "gateway": 50051}
+# Env vars naming files read at start are not handed to the parsers here (the files do not exist);
+# TLS paths are (they are only read when serving), so the parsers see the manifests' TLS settings.
+_FILE_ENV = re.compile(r"_FILE$")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -287,9 +291,13 @@ def test_probes_hpa_pdb_per_service(overlay: str):
         deployment = one(objects, "Deployment", name)
         container = main_container(objects, service)
         assert {"containerPort": port, "name": "grpc"} in container["ports"]
+        health_port = HEALTH_PORTS[service]
+        if health_port != port:
+            assert {"containerPort": health_port, "name": "health"} in container["ports"]
+            assert int(container_env(objects, container)[f"IVL_{service.upper()}_HEALTH_PORT"]) == health_port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container.get(probe, {}).get("grpc", {}).get("port") == port, \
-                f"{name}: {probe} must be a native gRPC probe on port {port}"
+            assert container.get(probe, {}).get("grpc", {}).get("port") == health_port, \
+                f"{name}: {probe} must be a native gRPC probe on port {health_port}"
         # Liveness must not restart a pod that is loading, draining or waiting out its engine's recovery.
         assert container["livenessProbe"]["grpc"].get("service") == LIVENESS_SERVICE, \
             f"{name}: the liveness probe asks for health name {LIVENESS_SERVICE!r}"
@@ -505,8 +513,8 @@ def test_two_redis_stores(overlay: str):
             assert f"@{REDIS_STORES[store][1]}:6379/" in url, url
         from gateway.config import GatewayConfig
 
-        config = GatewayConfig.from_args(["--insecure-open", "--session-redis-url", urls["sessions"],
-                                          "--feature-cache-url", urls["features"]], env={})
+        config = GatewayConfig.from_args(["--insecure-open"], env={  # as the pod gets them: env from a Secret
+            "IVL_SESSION_REDIS_URL": urls["sessions"], "IVL_FEATURE_CACHE_URL": urls["features"]})
         assert not config.stores_share_instance
 
 
@@ -523,6 +531,91 @@ def test_no_secret_on_a_command_line(overlay: str):
             used = set(re.findall(r"\$\((\w+)\)", argv)) & secret_env
             assert not used, f"{workload['metadata']['name']}/{c['name']}: Secret values on the command line: {used}"
             assert "--requirepass" not in argv
+
+
+# ------------------------------------------------------------------------------------------ service-to-service trust
+
+# The encoder and decoder trust their callers (the decoder caches the embeddings they send), so in every
+# deployment we ship they take calls only over mutual TLS: a certificate of their own, and client
+# certificates signed by the deployment's CA (the gateway's). docs/deploy.md states the boundary.
+MODEL_SERVICES = ("encoder", "decoder")
+
+
+def _secret_file(objects: tuple[dict, ...], workload: str, container: dict, path: str) -> str:
+    """The Secret whose volume holds `path` in `container` (fails if none does)."""
+    volumes = {v["name"]: v for v in pod_spec(one(objects, "Deployment", workload))["volumes"]}
+    for mount in container.get("volumeMounts", []):
+        if path.startswith(mount["mountPath"].rstrip("/") + "/") and "secret" in volumes[mount["name"]]:
+            return volumes[mount["name"]]["secret"]["secretName"]
+    pytest.fail(f"{workload}: {path} is not in a mounted Secret", pytrace=False)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_model_services_require_mutual_tls(overlay: str):
+    objects = render(overlay)
+    for service in MODEL_SERVICES:
+        name = SERVICES[service][0]
+        container = main_container(objects, service)
+        config = parse_config(service, container_env(objects, container))
+        assert config.tls_cert and config.tls_key and config.tls_ca, f"{name}: mutual TLS must be on"
+        assert not config.allow_unauthenticated_peers, f"{name}: unauthenticated peers allowed"
+        secrets = {_secret_file(objects, name, container, path) for path in (config.tls_cert, config.tls_key,
+                                                                              config.tls_ca)}
+        assert secrets == {f"{name}-tls"}, f"{name}: certificate, key and CA from its own Secret, got {secrets}"
+    gateway = main_container(objects, "gateway")
+    peer_tls = parse_config("gateway", container_env(objects, gateway)).peer_tls
+    assert peer_tls is not None and peer_tls.ca and peer_tls.cert and peer_tls.key, \
+        "the gateway must present a client certificate to the encoder and decoder"
+    secrets = {_secret_file(objects, "internvl-gateway", gateway, path)
+               for path in (peer_tls.ca, peer_tls.cert, peer_tls.key)}
+    assert secrets == {"internvl-gateway-peer-tls"}
+    # Created out of band from `make certs` output (docs/deploy.md), never rendered with a key in git.
+    assert not {s["metadata"]["name"] for s in find(objects, "Secret")} & {
+        "internvl-encoder-tls", "internvl-decoder-tls", "internvl-gateway-peer-tls"}
+
+
+def test_compose_requires_mutual_tls(compose: dict):
+    services = compose["services"]
+    for service in MODEL_SERVICES:
+        env = compose_env(services[service])
+        prefix = f"IVL_{service.upper()}_"
+        config = config_class(service).from_args(["--model", "m"], env=plain_env(env))
+        assert config.host == "0.0.0.0" and config.tls_ca and not config.allow_unauthenticated_peers
+        mounted = {f"/run/secrets/{s}" for s in services[service].get("secrets", [])}
+        for flag in ("TLS_CERT", "TLS_KEY", "TLS_CA"):
+            assert env[prefix + flag] in mounted, f"{service}: {prefix + flag} is not a mounted secret"
+        assert int(env[prefix + "HEALTH_PORT"]) == HEALTH_PORTS[service]
+        assert f"{SERVICES[service][1]}:" not in str(services[service].get("ports", [])), \
+            f"{service}: its gRPC port is not published on the host"
+    gateway = compose_env(services["gateway"])
+    mounted = {f"/run/secrets/{s}" for s in services["gateway"].get("secrets", [])}
+    for flag in ("CA", "CERT", "KEY"):
+        assert gateway[f"IVL_GATEWAY_PEER_TLS_{flag}"] in mounted
+    for name, secret in compose["secrets"].items():
+        if name != "api_keys":
+            assert _default(secret["file"]).startswith("./certs/") and not secret["file"].endswith("ca.key")
+
+
+def test_make_certs_issues_what_the_manifests_mount(tmp_path):
+    """`make certs` writes the files the compose secrets name; the services' certificates name the hosts
+    the gateway dials (compose and Kubernetes Service names), and the keys are owner-only."""
+    from cryptography import x509
+
+    from services.tools.make_certs import main as make_certs
+
+    compose_file = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    out = tmp_path / "certs"
+    assert make_certs(["--out", str(out), "--namespace", "internvl"]) == 0
+    for name, secret in compose_file["secrets"].items():
+        if name != "api_keys":
+            assert (out / Path(_default(secret["file"])).name).is_file(), name
+    for service in MODEL_SERVICES:
+        cert = x509.load_pem_x509_certificate((out / f"{service}.crt").read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName)
+        assert {service, SERVICES[service][0], f"{SERVICES[service][0]}.internvl.svc"} <= set(names)
+        assert (out / f"{service}.key").stat().st_mode & 0o077 == 0
+    assert make_certs(["--out", str(out)]) == 1, "an existing set is never overwritten"
 
 
 # ------------------------------------------------------------------------------------------ issue 17: a real cluster
@@ -998,7 +1091,7 @@ def mounts_of(service: dict) -> dict[str, str]:
 def test_compose_api_key_from_secret_file(compose: dict):
     gateway = compose["services"]["gateway"]
     secrets = [s if isinstance(s, str) else s["source"] for s in gateway.get("secrets", [])]
-    assert secrets == ["api_keys"]
+    assert "api_keys" in secrets
     assert "file" in compose["secrets"]["api_keys"]
     env = compose_env(gateway)
     assert env["IVL_GATEWAY_API_KEYS_FILE"] == "/run/secrets/api_keys"
@@ -1018,7 +1111,7 @@ def test_compose_health_and_start_order(compose: dict):
         check = service.get("healthcheck", {})
         assert check.get("test") and not check.get("disable"), f"{name}: no healthcheck"
     for name in ("encoder", "decoder", "gateway"):
-        port = SERVICES[name][1]
+        port = HEALTH_PORTS[name]
         test = " ".join(services[name]["healthcheck"]["test"])
         assert "grpc_health_probe.py" in test and f"--port {port}" in test, f"{name}: {test}"
         assert services[name]["build"]["target"] == name

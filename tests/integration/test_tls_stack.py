@@ -22,7 +22,7 @@ import redis as redis_sync
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc
+from internvl.v1 import decoder_pb2, decoder_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.common.server import channel_options
 from tests.conftest import load_kit
 from tests.integration.observe import Observed, start_observed
@@ -107,13 +107,15 @@ def stack(tmp_path_factory) -> Iterator[TlsStack]:
     started: list[Observed] = []
     try:
         for module in ("services.vision_encoder", "services.language_decoder"):
-            started.append(start_observed(module, [*model_args(KIT.root), *mtls], log_level="INFO",
+            health = ["--health-port", str(free_port())] if module == "services.language_decoder" else []
+            started.append(start_observed(module, [*model_args(KIT.root), *mtls, *health], log_level="INFO",
                                           process=lambda m, a: TlsProcess(m, a, peer_creds)))
         encoder, decoder = started
 
         def gateway_process(module: str, args: list[str]) -> ServiceProcess:
             proc = TlsProcess(module, args, client_creds)
             proc.env["IVL_GATEWAY_API_KEYS"] = f"other-key,{API_KEY}"
+            proc.env["IVL_REDIS_URL"] = redis.url  # it holds the password: never a flag value
             return proc
 
         started.append(start_observed("gateway", [
@@ -121,7 +123,7 @@ def stack(tmp_path_factory) -> Iterator[TlsStack]:
             "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
             "--peer-tls-ca", str(pki.ca.cert), "--peer-tls-cert", str(pki.client.cert),
             "--peer-tls-key", str(pki.client.key),
-            "--redis-url", redis.url, "--redis-tls-ca", str(pki.ca.cert),
+            "--redis-tls-ca", str(pki.ca.cert),
         ], log_level="INFO", process=gateway_process))
         yield TlsStack(pki, encoder, decoder, started[2])
     finally:
@@ -185,3 +187,35 @@ def test_gateway_refuses_plaintext(stack: TlsStack) -> None:
     assert _health(stack.gateway.process.address, None) == grpc.StatusCode.UNAVAILABLE
     assert _health(stack.gateway.process.address, grpc.ssl_channel_credentials(stack.pki.ca_bytes)) == (
         health_pb2.HealthCheckResponse.SERVING)
+
+
+def _fake_generate(channel: grpc.Channel) -> grpc.StatusCode:
+    """The attack of issue 16: fake embeddings under some image's key, straight to the decoder."""
+    setup = decoder_pb2.GenerateSetup(
+        conversation=decoder_pb2.Conversation(question="<image>\nWhat is this?"),
+        sampling=decoder_pb2.SamplingParams(max_new_tokens=1),
+        images=[decoder_pb2.ImageDescriptor(num_tiles=1, feature_key="victim-image-key")])
+    stub = decoder_pb2_grpc.LanguageDecoderStub(channel)
+    try:
+        list(stub.Generate(iter([decoder_pb2.GenerateRequest(setup=setup)]), timeout=10))
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_decoder_refuses_generate_without_a_certificate(stack: TlsStack) -> None:
+    """No certificate, a foreign CA's, or the plaintext health port: the call never reaches Generate."""
+    pki, address = stack.pki, stack.decoder.process.address
+    with grpc.secure_channel(address, grpc.ssl_channel_credentials(pki.ca_bytes)) as channel:
+        assert _fake_generate(channel) == grpc.StatusCode.UNAVAILABLE
+    foreign = grpc.ssl_channel_credentials(pki.ca_bytes, pki.other_client.key_bytes, pki.other_client.cert_bytes)
+    with grpc.secure_channel(address, foreign) as channel:
+        assert _fake_generate(channel) == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(address) as channel:
+        assert _fake_generate(channel) == grpc.StatusCode.UNAVAILABLE
+    # The health-only port answers probes in plaintext, and nothing else.
+    health_port = stack.decoder.process.args[stack.decoder.process.args.index("--health-port") + 1]
+    health_address = f"127.0.0.1:{health_port}"
+    assert _health(health_address, None) == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(health_address) as channel:
+        assert _fake_generate(channel) == grpc.StatusCode.UNIMPLEMENTED

@@ -106,7 +106,8 @@ def test_gateway_bad_security_flags(argv, capsys) -> None:
 
 def test_gateway_redis_password_and_tls() -> None:
     url = "rediss://ivl:p%40ss@cache:6380/2"
-    cfg = _gateway(["--insecure-open", "--redis-url", url, "--redis-tls-ca", "/ca b.crt"])
+    # A URL with a password comes from the environment: as a flag value it would show in `ps`.
+    cfg = _gateway(["--insecure-open", "--redis-tls-ca", "/ca b.crt"], {"IVL_REDIS_URL": url})
     assert "p%40ss" not in cfg.summary() and "ivl:***@cache:6380" in cfg.summary()
     client = redis_client(cfg.redis_client_url)
     kwargs = client.connection_pool.connection_kwargs
@@ -132,7 +133,7 @@ def test_decoder_rejects_unknown_compile_mode(capsys) -> None:
 
 
 def test_gateway_two_redis_stores_default_to_redis_url() -> None:
-    cfg = _gateway(["--insecure-open", "--redis-url", "redis://:pw@one:6379/0"])
+    cfg = _gateway(["--insecure-open"], {"IVL_REDIS_URL": "redis://:pw@one:6379/0"})  # passwords: env only
     assert cfg.session_redis_url == cfg.feature_cache_url == "redis://:pw@one:6379/0"
     assert cfg.stores_share_instance  # the gateway warns: one eviction policy for both
     assert "pw" not in cfg.summary()
@@ -146,8 +147,8 @@ def test_gateway_two_redis_stores_default_to_redis_url() -> None:
 
 
 def test_gateway_redis_cluster_urls() -> None:
-    cfg = _gateway(["--insecure-open", "--session-redis-url", "redis+cluster://:pw@node-a:7000",
-                    "--feature-cache-url", "rediss+cluster://node-b:7001/0", "--redis-tls-ca", "/ca.crt"])
+    cfg = _gateway(["--insecure-open", "--feature-cache-url", "rediss+cluster://node-b:7001/0", "--redis-tls-ca",
+                    "/ca.crt"], {"IVL_SESSION_REDIS_URL": "redis+cluster://:pw@node-a:7000"})
     sessions = redis_client(cfg.client_url(cfg.session_redis_url))
     features = redis_client(cfg.client_url(cfg.feature_cache_url))
     assert type(sessions).__name__ == type(features).__name__ == "RedisCluster"
