@@ -17,11 +17,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewayConfig
 from gateway.core import ChatCore
+from gateway.decoder_pool import DecoderPool
 from gateway.feature_cache import FeatureCache
 from gateway.http_server import HttpServer, create_app
 from gateway.media import MediaFetcher
-from gateway.peers import DecoderClient, EncoderClient
+from gateway.models import ServedModel, ServedModels
+from gateway.peers import EncoderClient
 from gateway.redis_connect import prepare, redis_client
+from gateway.routing_metrics import RoutingCollector
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
 from internvl.v1 import gateway_pb2, gateway_pb2_grpc
@@ -59,14 +62,23 @@ async def run(config: GatewayConfig) -> None:
         problem = await prepare(client)
         if problem:
             log.warning("%s: the Redis Cluster's slot map could not be loaded yet (%s)", store, problem)
-    encoder = EncoderClient(config.encoder_target, credentials=peer_credentials)
-    decoder = DecoderClient(config.decoder_target, credentials=peer_credentials)
+    # One encoder client per target (models may share an encoder pool), one decoder pool per model.
+    encoders = {t: EncoderClient(t, credentials=peer_credentials) for t in dict.fromkeys(
+        spec.encoder_target for spec in config.model_specs)}
+    pools = [DecoderPool(spec.decoder_target, config.routing, credentials=peer_credentials)
+             for spec in config.model_specs]
     cache = FeatureCache(feature_redis, config.cache)
     sessions = SessionStore(session_redis, config.sessions)
     problem = await sessions.policy_problem()
     if problem:
         log.warning("session store %s: %s", redact_url(config.session_redis_url), problem)
-    core = ChatCore(config, encoder, decoder, cache, sessions)
+    models = ServedModels([
+        ServedModel(spec.name, ChatCore(config, encoders[spec.encoder_target], pool, cache, sessions))
+        for spec, pool in zip(config.model_specs, pools, strict=True)])
+    core = models.default
+    for pool in pools:
+        await pool.start()
+    routing_labels = [(spec.name or "default", pool) for spec, pool in zip(config.model_specs, pools, strict=True)]
     fetcher = MediaFetcher(config.http.media)
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     if config.insecure_open:
@@ -76,14 +88,17 @@ async def run(config: GatewayConfig) -> None:
     else:
         keys = ApiKeys(config.api_keys)
     server = GrpcServer(config.server, [Service(name, gateway_pb2_grpc.add_GatewayServicer_to_server,
-                                                GatewayServicer(core))],
+                                                GatewayServicer(core, models))],
                         interceptors=[ApiKeyInterceptor(keys)] if keys else [],
-                        collectors=[FeatureCacheCollector(lambda: cache)], unique_request_ids=True)
+                        collectors=[FeatureCacheCollector(lambda: cache), RoutingCollector(lambda: routing_labels)],
+                        unique_request_ids=True)
     http = None
     if config.http.port:
-        probes = [("vision encoder", _grpc_probe(encoder.channel)), ("language decoder", _grpc_probe(decoder.channel)),
+        probes = [*(("vision encoder", _grpc_probe(e.channel)) for e in encoders.values()),
+                  *(("language decoder", pool.probe) for pool in pools),
                   ("session store", session_redis.ping)]  # not the feature cache: without it requests still work
-        http = HttpServer(create_app(core, config.http, fetcher=fetcher, api_keys=keys, probes=probes), config)
+        http = HttpServer(create_app(core, config.http, fetcher=fetcher, api_keys=keys, probes=probes,
+                                     models=models), config)
 
     async def start_http() -> None:
         if http is not None:
@@ -98,8 +113,10 @@ async def run(config: GatewayConfig) -> None:
         if http is not None:
             await http.stop()
         await fetcher.close()
-        await encoder.close()
-        await decoder.close()
+        for encoder in encoders.values():
+            await encoder.close()
+        for pool in pools:
+            await pool.close()
         await session_redis.aclose()
         await feature_redis.aclose()
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.config import GatewayConfig
+from gateway.decoder_pool import DecoderPool, NoReplicas, RoutedDecoder
 from gateway.feature_cache import (
     Entry,
     FeatureCache,
@@ -41,8 +42,9 @@ from gateway.feature_cache import (
     video_frame_key_for_hash,
 )
 from gateway.grounding import GroundingBox, ImageSize, image_size, parse_boxes
-from gateway.peers import DecoderClient, EncoderClient, PeerProtocolError
+from gateway.peers import EncoderClient, PeerProtocolError
 from gateway.placeholders import PlaceholderError, place_images, text_only_problem
+from gateway.router import affinity_key
 from gateway.sessions import (
     ImageRef,
     Session,
@@ -309,7 +311,7 @@ class ChatCore:
         self,
         config: GatewayConfig,
         encoder: EncoderClient,
-        decoder: DecoderClient,
+        decoder: DecoderPool,
         cache: FeatureCache,
         sessions: SessionStore,
     ):
@@ -365,8 +367,8 @@ class ChatCore:
             cache_salt=self.cache_scope(ctx),  # text-only prefixes too: the feature keys cover images only
         )
         sizes = self._image_sizes(request.turn)
-        call = self.decoder.generate(setup, [f.entry for f in blocks], timeout=ctx.timeout_s,
-                                     metadata=ctx.peer_metadata())
+        call = self._route(request, ctx, blocks).generate(setup, [f.entry for f in blocks], timeout=ctx.timeout_s,
+                                                          metadata=ctx.peer_metadata())
         answer: list[str] = []
         try:
             async for resp in call:
@@ -629,6 +631,17 @@ class ChatCore:
 
     # ------------------------------------------------------------------ helpers
 
+    def _route(self, request: ChatInput, ctx: RequestContext, blocks: Sequence[_Feature]) -> RoutedDecoder:
+        """The decoder replica most likely to hold this turn's KV (gateway/router.py)."""
+        first = request.history[0].user if request.history else request.turn
+        key = affinity_key(self.cache_scope(ctx), session_id=request.session_id,
+                           leading_feature_key=blocks[0].key if blocks else "",
+                           leading_text=f"{request.system_message or ''}\x00{first.text}")
+        try:
+            return self.decoder.route(key)
+        except NoReplicas as exc:
+            raise ChatError(ErrorKind.UNAVAILABLE, f"language decoder: {exc}") from exc
+
     def cache_scope(self, ctx: RequestContext) -> str:
         """The tenant's scope in the feature cache and the decoder's prefix cache ('' = shared by all).
 
@@ -644,7 +657,7 @@ class ChatCore:
     def _image_key(image_hash: str, tiling: Tiling, info, scope: str) -> str:
         return feature_key_for_hash(
             image_hash, max_tiles=tiling.max_tiles, min_tiles=tiling.min_tiles,
-            use_thumbnail=tiling.use_thumbnail, image_size=info.image_size, model_fingerprint=info.fingerprint,
+            use_thumbnail=tiling.use_thumbnail, image_size=info.image_size, model_fingerprint=_tower(info),
             scope=scope,
         )
 
@@ -654,7 +667,7 @@ class ChatCore:
             video_hash, frame_index=index, num_segments=sampling.num_segments,
             start_seconds=sampling.start_seconds, end_seconds=sampling.end_seconds,
             max_tiles=tiling.max_tiles, min_tiles=tiling.min_tiles, use_thumbnail=tiling.use_thumbnail,
-            image_size=info.image_size, model_fingerprint=info.fingerprint, scope=scope,
+            image_size=info.image_size, model_fingerprint=_tower(info), scope=scope,
         )
 
     @staticmethod
@@ -674,6 +687,12 @@ class ChatCore:
         except PeerProtocolError as exc:
             log.warning("%s: %s", peer, exc)
             raise ChatError(ErrorKind.INTERNAL, f"{peer}: {redact_addresses(str(exc))}") from exc
+
+
+def _tower(info: vision_pb2.ModelInfo) -> str:
+    """What cached features are keyed by: the encoder's vision tower + projector, so deployments whose
+    encoders compute the same features share them (older encoders: their whole checkpoint)."""
+    return info.vision_fingerprint or info.fingerprint
 
 
 def _layout(turn: UserTurn) -> int:
