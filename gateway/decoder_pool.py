@@ -96,6 +96,7 @@ class Replica:
     healthy: bool = True  # until a poll says otherwise (a new replica gets traffic at once)
     report: decoder_pb2.DecoderLoad | None = None
     in_flight: int = 0
+    in_flight_at_report: int = 0
     problem: str = ""
 
     def view(self) -> ReplicaView:
@@ -104,7 +105,8 @@ class Replica:
             return ReplicaView(self.address, self.healthy, Load(local_in_flight=self.in_flight))
         return ReplicaView(self.address, self.healthy, Load(
             running=r.running_sequences, waiting=r.waiting_sequences, kv_blocks_used=r.kv_blocks_used,
-            kv_blocks_total=r.kv_blocks_total, max_num_seqs=r.max_num_seqs, local_in_flight=self.in_flight))
+            kv_blocks_total=r.kv_blocks_total, max_num_seqs=r.max_num_seqs, local_in_flight=self.in_flight,
+            local_at_report=self.in_flight_at_report))
 
 
 @dataclass
@@ -235,12 +237,10 @@ class DecoderPool:
                 problem = (f"{result.code().name}: {result.details()}" if isinstance(result, grpc.aio.AioRpcError)
                            else repr(result))
                 self._set_health(replica, False, problem)
-            elif not result.engine_healthy:
-                replica.report = result
-                self._set_health(replica, False, "its engine is failing")
             else:
-                replica.report = result
-                self._set_health(replica, True, "")
+                replica.report, replica.in_flight_at_report = result, replica.in_flight
+                healthy = result.engine_healthy
+                self._set_health(replica, healthy, "" if healthy else "its engine is failing")
 
     @staticmethod
     async def _poll_one(replica: Replica, timeout: float) -> decoder_pb2.DecoderLoad:

@@ -44,18 +44,26 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class Load:
-    """A replica's load as the gateway sees it: its last report, and this gateway's own open calls."""
+    """A replica's load as the gateway sees it: its last report, and this gateway's own open calls.
+
+    A report is up to a poll old; this gateway's own calls it knows exactly. So the sequences of
+    others are taken from the report (minus this gateway's calls open when it came in) and this
+    gateway's are counted as they are now: a turn that just ended no longer counts, a burst this
+    gateway just sent counts at once.
+    """
 
     running: int = 0
     waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     max_num_seqs: int = 0  # 0 = unknown (no report yet)
-    local_in_flight: int = 0  # calls this gateway has open to it (fresh; reports are up to a poll old)
+    local_in_flight: int = 0  # calls this gateway has open to it now
+    local_at_report: int = 0  # calls this gateway had open when the report came in
 
     @property
     def sequences(self) -> int:
-        return max(self.running + self.waiting, self.local_in_flight)
+        others = max(0, self.running + self.waiting - self.local_at_report)
+        return others + self.local_in_flight
 
     @property
     def kv_usage(self) -> float:

@@ -123,7 +123,10 @@ def test_choose_needs_replicas():
     (Load(running=3, max_num_seqs=4, kv_blocks_total=100), False),
     (Load(running=4, max_num_seqs=4, kv_blocks_total=100), True),  # a new turn would queue
     (Load(running=2, waiting=2, max_num_seqs=4, kv_blocks_total=100), True),
-    (Load(running=1, max_num_seqs=4, local_in_flight=4, kv_blocks_total=100), True),  # own calls, not yet reported
+    (Load(running=1, max_num_seqs=4, local_in_flight=3, kv_blocks_total=100), True),  # own calls, not yet reported
+    # The report counted 3 of this gateway's calls that have ended since: only 1 other sequence now.
+    (Load(running=4, max_num_seqs=4, local_at_report=3, kv_blocks_total=100), False),
+    (Load(running=4, max_num_seqs=4, local_at_report=3, local_in_flight=3, kv_blocks_total=100), True),
     (Load(running=1, max_num_seqs=4, kv_blocks_used=89, kv_blocks_total=100), False),
     (Load(running=1, max_num_seqs=4, kv_blocks_used=90, kv_blocks_total=100), True),  # KV nearly full
     (Load(), False),  # nothing reported yet: not saturated
