@@ -40,6 +40,8 @@ from services.common.wire import DEFAULT_CHUNK_BYTES
 log = logging.getLogger(__name__)
 
 MAX_MOVED_KEYS = 65536  # remembered spills/failovers (LRU): ~100 bytes each
+# A replica gone from DNS keeps its channel this long for the calls still running on it.
+RETIRE_AFTER_S = 60.0
 PROBE_TIMEOUT_S = 2.0
 
 
@@ -145,6 +147,7 @@ class DecoderPool:
         self.stats = RoutingStats()
         self._moved: OrderedDict[str, str] = OrderedDict()
         self._tasks: list[asyncio.Task] = []
+        self._retired: list[DecoderClient] = []  # gone from DNS, closed after RETIRE_AFTER_S or at close()
         self._info: decoder_pb2.DecoderInfo | None = None
         for t in self.source.targets:
             self._add(t)
@@ -164,9 +167,10 @@ class DecoderPool:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for replica in list(self.replicas.values()):
-            await replica.client.close()
+        for client in [*(r.client for r in self.replicas.values()), *self._retired]:
+            await client.close()
         self.replicas.clear()
+        self._retired.clear()
 
     # ------------------------------------------------------------------ routing
 
@@ -269,9 +273,14 @@ class DecoderPool:
             self._add(address, authority=self.source.dns_host)
         for address in sorted(set(self.replicas) - found):
             log.info("decoder pool %s: replica %s gone from DNS", self.target, address)
-            replica = self.replicas.pop(address)
-            # Calls in flight keep their channel until they end; grace, then close.
-            asyncio.get_running_loop().call_later(60.0, lambda c=replica.client: asyncio.ensure_future(c.close()))
+            self._retired.append(self.replicas.pop(address).client)
+            self._tasks = [t for t in self._tasks if not t.done()]
+            self._tasks.append(asyncio.ensure_future(self._retire(self._retired[-1])))
+
+    async def _retire(self, client: DecoderClient) -> None:
+        await asyncio.sleep(RETIRE_AFTER_S)  # calls in flight on it keep their channel until then
+        self._retired.remove(client)
+        await client.close()
 
     def _add(self, address: str, authority: str = "") -> None:
         # A resolved address keeps the name for TLS: the certificate names the Service, not the pod IP.
