@@ -47,6 +47,8 @@ class ServedModels:
 
     async def find(self, name: str) -> tuple[str, ChatCore] | None:
         """(served name, its core) for `name`, or None when no model has it."""
+        if not name:  # a name only: the default is what an empty gRPC `model` means (core_for)
+            return None
         for model in self._models:
             if model.name == name:
                 return name, model.core

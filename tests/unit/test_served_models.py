@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
+from gateway.core import ChatError, ErrorKind
 from gateway.model_specs import ModelSpec, parse_model_specs
+from gateway.models import ServedModel, ServedModels
 from services.common.fingerprint import model_fingerprint
 from services.common.model_identity import CUSTOM_MEMBER, family_member, model_name, vision_fingerprint
 from services.tools.make_tiny_checkpoint import write_tiny_checkpoint
@@ -82,3 +85,22 @@ def test_vision_identity_is_shared_exactly_when_the_encoders_compute_the_same_fe
     assert tower["base"] != vision_fingerprint(checkpoints["base"], "bf16")  # other dtype, other numbers
     config = json.loads((checkpoints["base"] / "config.json").read_text())
     assert family_member(config) == CUSTOM_MEMBER
+
+
+def test_served_models_pick_by_name_and_refuse_unknown_ones():
+    small, wide = object(), object()  # named models never ask their core anything
+    models = ServedModels([ServedModel("small", small), ServedModel("wide", wide)])
+
+    async def main():
+        assert await models.names() == ["small", "wide"]
+        assert await models.core_for("") is small  # gRPC: an empty model is the default, the first
+        assert await models.core_for("wide") is wide
+        assert await models.find("") is None  # OpenAI: the model must name one
+        with pytest.raises(ChatError) as err:
+            await models.core_for("huge")
+        assert err.value.kind is ErrorKind.NOT_FOUND and err.value.param == "model"
+        assert "'huge'" in err.value.message and "'small', 'wide'" in err.value.message
+
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="at least one model"):
+        ServedModels([])
