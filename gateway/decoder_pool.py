@@ -10,7 +10,7 @@ Load: with two replicas or more, every replica is asked `GetLoad` every `load_in
 concurrently, never once per request. A poll that fails (connection refused, deadline, a draining or
 loading decoder refusing calls) or reports a failing engine marks the replica down at once, and the
 next poll that succeeds brings it back, so a lost replica is routed around within about one
-interval. Polling, not a server stream: an open stream would hold every decoder's graceful drain for
+interval; a Generate call that ends UNAVAILABLE marks its replica down at once. Polling, not a server stream: an open stream would hold every decoder's graceful drain for
 its whole grace period. Between polls this gateway's own open calls per replica count too
 (router.Load.local_in_flight), so a burst does not pile onto one replica for a whole interval.
 
@@ -26,7 +26,7 @@ import contextlib
 import logging
 import socket
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -117,19 +117,24 @@ class RoutingStats:
 
 
 class RoutedDecoder:
-    """The chosen replica's client for one turn; counts the call as open on it until it ends."""
+    """The chosen replica's client for one turn; counts the call as open on it until it ends, and a
+    call the replica could not take (UNAVAILABLE: gone, draining) marks it down at once, without
+    waiting for the next poll (which brings it back when it answers again)."""
 
-    def __init__(self, replica: Replica, decision: Decision):
+    def __init__(self, replica: Replica, decision: Decision, watch: Callable[[Replica, object], None]):
         self.replica = replica
         self.decision = decision
+        self._watch = watch
 
     def generate(self, *args, **kwargs):
         call = self.replica.client.generate(*args, **kwargs)
         replica = self.replica
         replica.in_flight += 1
 
-        def done(_call) -> None:
+        def done(ended) -> None:
             replica.in_flight -= 1
+            if not ended.cancelled():
+                self._watch(replica, ended)
 
         call.add_done_callback(done)
         return call
@@ -147,6 +152,7 @@ class DecoderPool:
         self.stats = RoutingStats()
         self._moved: OrderedDict[str, str] = OrderedDict()
         self._tasks: list[asyncio.Task] = []
+        self._checks: set[asyncio.Task] = set()  # ended calls being looked at (_check_ended)
         self._retired: list[DecoderClient] = []  # gone from DNS, closed after RETIRE_AFTER_S or at close()
         self._info: decoder_pb2.DecoderInfo | None = None
         for t in self.source.targets:
@@ -182,7 +188,18 @@ class DecoderPool:
         decision = choose(key, views, self.config.spill, self._moved.get(key, ""))
         self.stats.decisions[decision.outcome] += 1
         self._remember(key, decision, views)
-        return RoutedDecoder(self.replicas[decision.address], decision)
+        return RoutedDecoder(self.replicas[decision.address], decision, self._check_ended)
+
+    def _check_ended(self, replica: Replica, call) -> None:
+        if len(self.replicas) < 2:
+            return  # one replica is not polled, so nothing would bring it back: it is always used anyway
+        task = asyncio.ensure_future(self._mark_down_if_unavailable(replica, call))
+        self._checks.add(task)  # referenced until done (the loop keeps only weak references)
+        task.add_done_callback(self._checks.discard)
+
+    async def _mark_down_if_unavailable(self, replica: Replica, call) -> None:
+        if await call.code() == grpc.StatusCode.UNAVAILABLE:
+            self._set_health(replica, False, f"UNAVAILABLE: {await call.details()}")
 
     def _remember(self, key: str, decision: Decision, views: Sequence[ReplicaView]) -> None:
         if decision.outcome in (Outcome.SPILL, Outcome.FAILOVER) or key in self._moved:
