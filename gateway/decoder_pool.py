@@ -10,9 +10,10 @@ Load: with two replicas or more, every replica is asked `GetLoad` every `load_in
 concurrently, never once per request. A poll that fails (connection refused, deadline, a draining or
 loading decoder refusing calls) or reports a failing engine marks the replica down at once, and the
 next poll that succeeds brings it back, so a lost replica is routed around within about one
-interval; a Generate call that ends UNAVAILABLE marks its replica down at once. Polling, not a server stream: an open stream would hold every decoder's graceful drain for
-its whole grace period. Between polls this gateway's own open calls per replica count too
-(router.Load.local_in_flight), so a burst does not pile onto one replica for a whole interval.
+interval; a Generate call that ends UNAVAILABLE marks its replica down at once too. Polling, not a
+server stream: an open stream would hold every decoder's graceful drain for its whole grace period.
+Between polls this gateway's own open calls per replica count too (router.Load), so a burst does not
+pile onto one replica for a whole interval.
 
 The choice itself is gateway/router.py (pure). Keys that moved (a spill, a failover) are remembered in
 a bounded LRU so the session's later turns follow its KV instead of returning to a replica that
@@ -168,9 +169,10 @@ class DecoderPool:
         self._tasks.append(asyncio.ensure_future(self._every(self.config.load_interval_s, self._poll)))
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._checks]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for client in [*(r.client for r in self.replicas.values()), *self._retired]:
