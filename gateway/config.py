@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from gateway.decoder_pool import PoolConfig
+from gateway.decoder_pool import PoolConfig, ReplicaSource
 from gateway.feature_cache import FeatureCacheConfig
 from gateway.media import MediaFetchConfig, parse_domains
 from gateway.model_specs import ModelSpec, parse_model_specs
@@ -249,6 +249,8 @@ class GatewayConfig:
             if models and (a.decoder or a.served_model_name):
                 raise ValueError("--model names every decoder and served name: drop --decoder/--served-model-name "
                                  "(IVL_DECODER_TARGET) and give the default model as the first --model")
+            for spec in models or (ModelSpec("", a.decoder or DEFAULT_DECODER_TARGET, a.encoder),):
+                ReplicaSource.parse(spec.decoder_target)  # a malformed target fails the start, with its reason
             routing = PoolConfig(load_interval_s=a.route_load_interval, resolve_interval_s=a.route_resolve_interval,
                                  spill=SpillRule(spill_queue=a.route_spill_queue,
                                                  spill_kv_usage=a.route_spill_kv_usage))
