@@ -17,16 +17,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewayConfig
 from gateway.core import ChatCore
+from gateway.decoder_pool import DecoderPool
 from gateway.feature_cache import FeatureCache
 from gateway.http_server import HttpServer, create_app
 from gateway.media import MediaFetcher
-from gateway.peers import DecoderClient, EncoderClient
+from gateway.models import ServedModel, ServedModels
+from gateway.peers import EncoderClient
 from gateway.quota_store import QuotaStore
 from gateway.quotas import TenantQuotas
 from gateway.redis_connect import prepare, redis_client
+from gateway.routing_metrics import RoutingCollector
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
-from gateway.transfer_stats import TransferCollector
+from gateway.transfer_stats import TransferCollector, TransferStats
 from internvl.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.interceptors import ApiKeyInterceptor
 from services.common.logging import configure_logging
@@ -62,18 +65,31 @@ async def run(config: GatewayConfig) -> None:
         problem = await prepare(client)
         if problem:
             log.warning("%s: the Redis Cluster's slot map could not be loaded yet (%s)", store, problem)
-    encoder = EncoderClient(config.encoder_target, credentials=peer_credentials)
-    decoder = DecoderClient(config.decoder_target, credentials=peer_credentials)
+    # One encoder client per target (models may share an encoder pool), one decoder pool per model.
+    encoders = {t: EncoderClient(t, credentials=peer_credentials) for t in dict.fromkeys(
+        spec.encoder_target for spec in config.model_specs)}
+    pools = [DecoderPool(spec.decoder_target, config.routing, credentials=peer_credentials)
+             for spec in config.model_specs]
     cache = FeatureCache(feature_redis, config.cache)
     sessions = SessionStore(session_redis, config.sessions)
     problem = await sessions.policy_problem()
     if problem:
         log.warning("session store %s: %s", redact_url(config.session_redis_url), problem)
     # Quota state lives beside the sessions: the live-session and session-bytes counts must agree with them.
+    # One quota table and one set of byte counters for every served model: a tenant's limits are its own,
+    # whichever model it calls.
     quotas = TenantQuotas(config.quotas, QuotaStore(session_redis), default_max_new_tokens=config.max_new_tokens,
                           default_ttl_s=config.sessions.default_ttl_s, max_ttl_s=config.sessions.max_ttl_s,
                           tenants=[parse_key_entry(k)[0] for k in config.api_keys] or [ANONYMOUS_TENANT])
-    core = ChatCore(config, encoder, decoder, cache, sessions, quotas)
+    transfer = TransferStats()
+    models = ServedModels([
+        ServedModel(spec.name, ChatCore(config, encoders[spec.encoder_target], pool, cache, sessions, quotas,
+                                        transfer))
+        for spec, pool in zip(config.model_specs, pools, strict=True)])
+    core = models.default
+    for pool in pools:
+        await pool.start()
+    routing_labels = [(spec.name or "default", pool) for spec, pool in zip(config.model_specs, pools, strict=True)]
     fetcher = MediaFetcher(config.http.media)
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     if config.insecure_open:
@@ -83,16 +99,18 @@ async def run(config: GatewayConfig) -> None:
     else:
         keys = ApiKeys(config.api_keys)
     server = GrpcServer(config.server, [Service(name, gateway_pb2_grpc.add_GatewayServicer_to_server,
-                                                GatewayServicer(core))],
+                                                GatewayServicer(core, models))],
                         interceptors=[ApiKeyInterceptor(keys)] if keys else [],
-                        collectors=[FeatureCacheCollector(lambda: cache),
-                                    TransferCollector(core.transfer, lambda: cache), TenantCollector(lambda: quotas)],
+                        collectors=[FeatureCacheCollector(lambda: cache), TransferCollector(transfer, lambda: cache),
+                                    TenantCollector(lambda: quotas), RoutingCollector(lambda: routing_labels)],
                         unique_request_ids=True)
     http = None
     if config.http.port:
-        probes = [("vision encoder", _grpc_probe(encoder.channel)), ("language decoder", _grpc_probe(decoder.channel)),
+        probes = [*(("vision encoder", _grpc_probe(e.channel)) for e in encoders.values()),
+                  *(("language decoder", pool.probe) for pool in pools),
                   ("session store", session_redis.ping)]  # not the feature cache: without it requests still work
-        http = HttpServer(create_app(core, config.http, fetcher=fetcher, api_keys=keys, probes=probes), config)
+        http = HttpServer(create_app(core, config.http, fetcher=fetcher, api_keys=keys, probes=probes,
+                                     models=models), config)
 
     async def start_http() -> None:
         if http is not None:
@@ -108,8 +126,10 @@ async def run(config: GatewayConfig) -> None:
             await http.stop()
         await quotas.drain()  # give back what ended calls reserved before the Redis client closes
         await fetcher.close()
-        await encoder.close()
-        await decoder.close()
+        for encoder in encoders.values():
+            await encoder.close()
+        for pool in pools:
+            await pool.close()
         await session_redis.aclose()
         await feature_redis.aclose()
 

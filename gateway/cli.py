@@ -59,6 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("question", help='the user turn ("-" reads it from stdin); "<image>" marks where images go')
     p.add_argument("--target", default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
                    help=f"gateway address host:port (env {TARGET_ENV}; default {DEFAULT_TARGET})")
+    p.add_argument("--model", default="", help="served model name (a gateway fronting several; default: its first)")
     conn = p.add_argument_group("connection")
     conn.add_argument("--api-key-file", metavar="FILE",
                       help=f"file whose first line is the API key (default: env {API_KEY_ENV})")
@@ -122,7 +123,8 @@ def sampling_params(args: argparse.Namespace) -> decoder_pb2.SamplingParams:
 
 
 def build_request(args: argparse.Namespace, question: str, session_id: str = "") -> gateway_pb2.ChatRequest:
-    request = gateway_pb2.ChatRequest(session_id=session_id, text=question, generation=sampling_params(args))
+    request = gateway_pb2.ChatRequest(session_id=session_id, text=question, generation=sampling_params(args),
+                                      model=args.model)
     for path in args.image:
         request.images.add(data=read_file(path, "image"))
     if args.video:

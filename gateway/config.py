@@ -27,10 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from gateway.decoder_pool import PoolConfig, ReplicaSource
 from gateway.feature_cache import FeatureCacheConfig
 from gateway.media import MediaFetchConfig, parse_domains
+from gateway.model_specs import ModelSpec, parse_model_specs
 from gateway.quota_config import QuotaTable, load_quota_file
 from gateway.redis_connect import check_url, instance_address
+from gateway.router import SpillRule
 from gateway.sessions import SessionConfig
 from services.common.argv_secrets import argv_secret_problem
 from services.common.flags import EnvFlags
@@ -52,6 +55,7 @@ API_KEYS_ENV = "IVL_GATEWAY_API_KEYS"
 REDIS_URL_ENVS = "IVL_REDIS_URL, IVL_SESSION_REDIS_URL or IVL_FEATURE_CACHE_URL"
 DEFAULT_METRICS_PORT = 9101
 DEFAULT_HTTP_PORT = 8000
+DEFAULT_DECODER_TARGET = "127.0.0.1:50053"
 MiB = 1024 * 1024
 # The longest generation a client may ask for (generation.max_new_tokens), and the slowest decode
 # rate per stream the deployment is sized for (InternVL2-8B on the smallest supported GPU with every
@@ -106,6 +110,14 @@ class GatewayConfig:
     session_redis_url: str = ""  # "" = redis_url
     feature_cache_url: str = ""  # "" = redis_url
     http: HttpConfig = HttpConfig()
+    routing: PoolConfig = PoolConfig()  # decoder replicas: load polling, DNS, the spill rule
+    # Several model deployments by served name (--model); empty = one: encoder_target + decoder_target.
+    models: tuple[ModelSpec, ...] = ()
+
+    @property
+    def model_specs(self) -> tuple[ModelSpec, ...]:
+        """Every model this gateway fronts, the default first."""
+        return self.models or (ModelSpec(self.http.served_model_name, self.decoder_target, self.encoder_target),)
 
     def __post_init__(self) -> None:
         if self.api_keys and self.insecure_open:
@@ -160,9 +172,13 @@ class GatewayConfig:
         tenants = ",".join(parse_key_entry(k)[0] for k in self.api_keys) or ANONYMOUS_TENANT
         quotas = "on" if self.quotas.limits_anything else "off"
         return (f"{self.server.address} {http} media_urls={media} auth={auth} tenants={tenants} quotas={quotas} "
-                f"caches={caches} tls={server_tls} "
-                f"encoder={self.encoder_target} decoder={self.decoder_target} peer_tls={peer_tls} "
+                f"caches={caches} tls={server_tls} {self._models_summary()} peer_tls={peer_tls} "
                 f"sessions={redact_url(self.session_redis_url)} features={redact_url(self.feature_cache_url)}")
+
+    def _models_summary(self) -> str:
+        if not self.models:
+            return f"encoder={self.encoder_target} decoder={self.decoder_target}"
+        return "models=" + ";".join(f"{m.name}={m.decoder_target}@{m.encoder_target}" for m in self.models)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -173,8 +189,14 @@ class GatewayConfig:
         p.add_argument("--port", type=int, default=int(get("IVL_GATEWAY_PORT", "50051")))
         p.add_argument("--encoder", default=get("IVL_ENCODER_TARGET", "127.0.0.1:50052"),
                        help="encoder address(es): host:port, ip:port,ip:port, or dns:///name:port")
-        p.add_argument("--decoder", default=get("IVL_DECODER_TARGET", "127.0.0.1:50053"),
-                       help="decoder address(es), same forms as --encoder")
+        p.add_argument("--decoder", default=get("IVL_DECODER_TARGET", ""),
+                       help="decoder address(es), same forms as --encoder; each turn goes to one replica, chosen "
+                            "by KV affinity and load (default 127.0.0.1:50053)")
+        p.add_argument("--model", action="append", default=None,
+                       metavar="NAME=DECODERS[@ENCODERS]",
+                       help="serve a model deployment under NAME (repeat for several; the first is the default; "
+                            "without @ENCODERS it uses --encoder); replaces --decoder and --served-model-name "
+                            "(env IVL_GATEWAY_MODELS, space-separated)")
         p.add_argument("--redis-url", default=get("IVL_REDIS_URL", "redis://127.0.0.1:6379/0"),
                        help="redis://[[user]:password@]host:port/db, rediss:// for TLS, redis+cluster:// for a "
                             "Redis Cluster: the default of both stores below (env IVL_REDIS_URL)")
@@ -229,6 +251,14 @@ class GatewayConfig:
         flags.add("--http-host", str, "HTTP bind address (default: the same as --host)", default="")
         flags.add("--served-model-name", str, "model id of the HTTP API (default: the checkpoint directory's "
                   "name, from the decoder)", default="")
+        flags.add("--route-load-interval", float, "seconds between load polls (GetLoad) of each decoder replica; "
+                  "a replica whose poll fails is routed around until one succeeds", default=1.0)
+        flags.add("--route-resolve-interval", float, "seconds between DNS lookups of a dns:/// decoder target",
+                  default=5.0)
+        flags.add("--route-spill-queue", int, "sequences that may queue on a full decoder replica before new "
+                  "turns spill to a less loaded one (gateway/router.py)", default=0)
+        flags.add("--route-spill-kv-usage", float, "KV-cache fraction in use at which new turns spill from a "
+                  "replica", default=0.9)
         flags.add("--max-choices", int, "largest `n` (choices per HTTP request)", default=8)
         flags.add("--allowed-media-domains", str, "hosts whose http(s) image/video URLs the HTTP API fetches, "
                   "comma-separated (.example.com = its subdomains too); empty = no URL fetching", default="")
@@ -259,13 +289,22 @@ class GatewayConfig:
                 raise ValueError("need 1 <= --session-ttl <= --max-session-ttl")
             tenants = [parse_key_entry(k)[0] for k in keys] or [ANONYMOUS_TENANT]
             quotas = load_quota_file(a.quota_file, tenants)
+            models = parse_model_specs(a.model or get("IVL_GATEWAY_MODELS", "").split(), a.encoder)
+            if models and (a.decoder or a.served_model_name):
+                raise ValueError("--model names every decoder and served name: drop --decoder/--served-model-name "
+                                 "(IVL_DECODER_TARGET) and give the default model as the first --model")
+            for spec in models or (ModelSpec("", a.decoder or DEFAULT_DECODER_TARGET, a.encoder),):
+                ReplicaSource.parse(spec.decoder_target)  # a malformed target fails the start, with its reason
+            routing = PoolConfig(load_interval_s=a.route_load_interval, resolve_interval_s=a.route_resolve_interval,
+                                 spill=SpillRule(spill_queue=a.route_spill_queue,
+                                                 spill_kv_usage=a.route_spill_kv_usage))
             return cls(
                 server=ServerConfig(host=a.host, port=a.port, grace_seconds=a.grace,
                                     receive_window_bytes=a.receive_window,
                                     tls=ServerTls.from_flags(a.tls_cert, a.tls_key, a.tls_ca),
                                     metrics_port=a.metrics_port, metrics_host=a.metrics_host),
                 encoder_target=a.encoder,
-                decoder_target=a.decoder,
+                decoder_target=a.decoder or DEFAULT_DECODER_TARGET,
                 redis_url=a.redis_url,
                 session_redis_url=a.session_redis_url,
                 feature_cache_url=a.feature_cache_url,
@@ -282,6 +321,8 @@ class GatewayConfig:
                 redis_tls_ca=a.redis_tls_ca,
                 log_level=a.log_level,
                 log_format=a.log_format,
+                routing=routing,
+                models=models,
                 http=HttpConfig(
                     port=a.http_port, host=a.http_host, served_model_name=a.served_model_name,
                     max_choices=a.max_choices,

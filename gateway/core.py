@@ -38,6 +38,7 @@ import grpc
 from gateway import decoder_exchange
 from gateway.budget import BudgetError, DecoderFacts, EncoderFacts, check_turn_budget
 from gateway.config import GatewayConfig
+from gateway.decoder_pool import DecoderPool, NoReplicas, RoutedDecoder
 from gateway.feature_cache import (
     Entry,
     FeatureCache,
@@ -47,8 +48,9 @@ from gateway.feature_cache import (
 )
 from gateway.grounding import GroundingBox, ImageSize, image_size, parse_boxes
 from gateway.image_slots import ImageSlot, SlotMismatch, combine_slots, combined_key
-from gateway.peers import DecoderClient, EncoderClient, PeerProtocolError
+from gateway.peers import EncoderClient, PeerProtocolError
 from gateway.placeholders import PlaceholderError, place_images, text_only_problem
+from gateway.router import affinity_key
 from gateway.sessions import (
     ImageRef,
     Session,
@@ -321,17 +323,18 @@ class ChatCore:
         self,
         config: GatewayConfig,
         encoder: EncoderClient,
-        decoder: DecoderClient,
+        decoder: DecoderPool,
         cache: FeatureCache,
         sessions: SessionStore,
         quotas: Any = None,  # gateway.quotas.TenantQuotas; None = no quotas
+        transfer: TransferStats | None = None,  # shared by the cores of one gateway (one set of counters)
     ):
         self.config = config
         self.encoder = encoder
         self.decoder = decoder
         self.cache = cache
         self.sessions = sessions
-        self.transfer = TransferStats()  # embedding bytes per hop (gateway/transfer_stats.py)
+        self.transfer = transfer or TransferStats()  # embedding bytes per hop (gateway/transfer_stats.py)
         self.quotas = quotas
 
     # ------------------------------------------------------------------ chat
@@ -400,9 +403,10 @@ class ChatCore:
             cache_salt=self.cache_scope(ctx),  # text-only prefixes too: the feature keys cover images only
         )
         sizes = self._image_sizes(request.turn)
+        decoder = self._route(request, ctx, slots)
         lazy = bool(slots) and self.config.lazy_images and (
-            await self._call_peer("language decoder", self.decoder.model_info(ctx.timeout_s))).lazy_images
-        call = decoder_exchange.generate(self.decoder, setup, slots, lazy=lazy, stats=self.transfer,
+            await self._call_peer("language decoder", decoder.model_info(ctx.timeout_s))).lazy_images
+        call = decoder_exchange.generate(decoder, setup, slots, lazy=lazy, stats=self.transfer,
                                          timeout=ctx.timeout_s, metadata=ctx.peer_metadata())
         answer: list[str] = []
         try:
@@ -716,6 +720,17 @@ class ChatCore:
 
     # ------------------------------------------------------------------ helpers
 
+    def _route(self, request: ChatInput, ctx: RequestContext, slots: Sequence[ImageSlot]) -> RoutedDecoder:
+        """The decoder replica most likely to hold this turn's KV (gateway/router.py)."""
+        first = request.history[0].user if request.history else request.turn
+        key = affinity_key(self.cache_scope(ctx), session_id=request.session_id,
+                           leading_feature_key=slots[0].key if slots else "",
+                           leading_text=f"{request.system_message or ''}\x00{first.text}")
+        try:
+            return self.decoder.route(key)
+        except NoReplicas as exc:
+            raise ChatError(ErrorKind.UNAVAILABLE, f"language decoder: {exc}") from exc
+
     def cache_scope(self, ctx: RequestContext) -> str:
         """The tenant's scope in the feature cache and the decoder's prefix cache ('' = shared by all).
 
@@ -731,7 +746,7 @@ class ChatCore:
     def _image_key(image_hash: str, tiling: Tiling, info, scope: str) -> str:
         return feature_key_for_hash(
             image_hash, max_tiles=tiling.max_tiles, min_tiles=tiling.min_tiles,
-            use_thumbnail=tiling.use_thumbnail, image_size=info.image_size, model_fingerprint=info.fingerprint,
+            use_thumbnail=tiling.use_thumbnail, image_size=info.image_size, model_fingerprint=_tower(info),
             scope=scope,
         )
 
@@ -741,7 +756,7 @@ class ChatCore:
             video_hash, frame_index=index, num_segments=sampling.num_segments,
             start_seconds=sampling.start_seconds, end_seconds=sampling.end_seconds,
             max_tiles=tiling.max_tiles, min_tiles=tiling.min_tiles, use_thumbnail=tiling.use_thumbnail,
-            image_size=info.image_size, model_fingerprint=info.fingerprint, scope=scope,
+            image_size=info.image_size, model_fingerprint=_tower(info), scope=scope,
         )
 
     @staticmethod
@@ -761,6 +776,12 @@ class ChatCore:
         except PeerProtocolError as exc:
             log.warning("%s: %s", peer, exc)
             raise ChatError(ErrorKind.INTERNAL, f"{peer}: {redact_addresses(str(exc))}") from exc
+
+
+def _tower(info: vision_pb2.ModelInfo) -> str:
+    """What cached features are keyed by: the encoder's vision tower + projector, so deployments whose
+    encoders compute the same features share them (older encoders: their whole checkpoint)."""
+    return info.vision_fingerprint or info.fingerprint
 
 
 def _layout(turn: UserTurn) -> int:

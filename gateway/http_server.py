@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.config import GatewayConfig, HttpConfig
 from gateway.core import ChatCore, ChatError, ChatEvent, ErrorKind, RequestContext, internal_error
 from gateway.media import MediaFetcher, check_image, decode_data_uri
+from gateway.models import ServedModel, ServedModels
 from gateway.openai_api import (
     ChatCompletionRequest,
     boxes_json,
@@ -44,7 +45,7 @@ from gateway.openai_api import (
 )
 from services.common.interceptors import assign_request_id
 from services.common.logging import request_id_var
-from services.common.security import ANONYMOUS_TENANT, ApiKeys, redact_addresses
+from services.common.security import ANONYMOUS_TENANT, ApiKeys
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +106,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(core: ChatCore, config: HttpConfig, *, fetcher: MediaFetcher, api_keys: ApiKeys | None,
-               probes: Sequence[tuple[str, Probe]] = ()) -> FastAPI:
+               probes: Sequence[tuple[str, Probe]] = (), models: ServedModels | None = None) -> FastAPI:
+    """`core` answers for settings and limits; each request's `model` picks its core from `models`
+    (default: `core` alone, named `config.served_model_name` or its decoder's checkpoint name)."""
     app = FastAPI(title="InternVL2 gateway (OpenAI-compatible)", version="1")
-    served_name: list[str] = []  # learned once from the decoder unless configured
+    models = models or ServedModels([ServedModel(config.served_model_name, core)])
 
-    async def model_name() -> str:
-        if config.served_model_name:
-            return config.served_model_name
-        if not served_name:
-            try:
-                info = await core.decoder.model_info(timeout=5.0)
-            except Exception as exc:
-                log.warning("language decoder: cannot learn the model name: %s", exc)
-                raise ChatError(ErrorKind.UNAVAILABLE, "language decoder: cannot learn the model name: "
-                                f"{redact_addresses(str(exc))}") from exc
-            served_name.append(info.model_name or "internvl2")
-        return served_name[0]
+    def model_json(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "internvl-serving"}
+
+    async def model_not_found(name: str) -> JSONResponse:
+        return error_response(404, await models.unknown_message(name), param="model", code="model_not_found")
 
     app.add_middleware(RequestIdAndAuth, api_keys=api_keys)
 
@@ -154,17 +150,13 @@ def create_app(core: ChatCore, config: HttpConfig, *, fetcher: MediaFetcher, api
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        name = await model_name()
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "internvl-serving"}]})
+        return JSONResponse({"object": "list", "data": [model_json(n) for n in await models.names()]})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
-        name = await model_name()
-        if model_id != name:
-            return error_response(404, f"the model {model_id!r} does not exist; this server serves {name!r}",
-                                  param="model", code="model_not_found")
-        return JSONResponse({"id": name, "object": "model", "created": 0, "owned_by": "internvl-serving"})
+        if await models.find(model_id) is None:
+            return await model_not_found(model_id)
+        return JSONResponse(model_json(model_id))
 
     @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": ChatCompletionRequest.model_json_schema()}}}})
@@ -184,11 +176,11 @@ def create_app(core: ChatCore, config: HttpConfig, *, fetcher: MediaFetcher, api
                                   code="unsupported_field")
         if not 1 <= req.n <= config.max_choices:
             return error_response(400, f"n must be in [1, {config.max_choices}], got {req.n}", param="n")
-        name = await model_name()
-        if req.model != name:
-            return error_response(404, f"the model {req.model!r} does not exist; this server serves {name!r}",
-                                  param="model", code="model_not_found")
-        timeout = core.config.default_timeout_s
+        found = await models.find(req.model)
+        if found is None:
+            return await model_not_found(req.model)
+        name, model_core = found
+        timeout = model_core.config.default_timeout_s
         asked = request.headers.get(DEADLINE_HEADER)
         if asked is not None:
             try:
@@ -200,7 +192,7 @@ def create_app(core: ChatCore, config: HttpConfig, *, fetcher: MediaFetcher, api
                                       param=DEADLINE_HEADER)
         ctx = RequestContext(timeout_s=timeout, request_id=request.state.request_id, tenant=request.state.tenant)
         sampling = req.sampling()
-        first = await chat_input(req, _loader(core, fetcher), sampling)
+        first = await chat_input(req, _loader(model_core, fetcher), sampling)
         inputs = [first if i == 0 or sampling.seed is None
                   else dataclasses.replace(first, sampling=dataclasses.replace(sampling, seed=sampling.seed + i))
                   for i in range(req.n)]
@@ -208,20 +200,20 @@ def create_app(core: ChatCore, config: HttpConfig, *, fetcher: MediaFetcher, api
         created = now()
         contexts = [ctx] * len(inputs)
         admission = None
-        if core.quotas is not None and len(inputs) > 1:  # n choices are admitted together, or none
-            admission = await core.quotas.admit(ctx, [i.sampling.max_new_tokens for i in inputs])
+        if model_core.quotas is not None and len(inputs) > 1:  # n choices are admitted together, or none
+            admission = await model_core.quotas.admit(ctx, [i.sampling.max_new_tokens for i in inputs])
             contexts = [dataclasses.replace(ctx, quota_ticket=t) for t in admission.tickets]
         try:
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                streams = [core.chat(inp, c) for inp, c in zip(inputs, contexts, strict=True)]
+                streams = [model_core.chat(inp, c) for inp, c in zip(inputs, contexts, strict=True)]
                 firsts = await _first_events(streams)  # errors before any byte is sent get their status
                 body_iter = _sse(streams, firsts, completion_id, name, created, include_usage)
                 admission = None  # the streams own their tickets now
                 return StreamingResponse(body_iter, media_type="text/event-stream",
                                          headers={"cache-control": "no-cache"})
             results = await _unless_disconnected(request, _all_or_none(
-                [core.complete(i, c) for i, c in zip(inputs, contexts, strict=True)]))
+                [model_core.complete(i, c) for i, c in zip(inputs, contexts, strict=True)]))
             return JSONResponse(completion_json(completion_id, name, created, [(r.text, r.end) for r in results]))
         finally:
             if admission is not None:

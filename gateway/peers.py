@@ -27,7 +27,8 @@ def channel_target(target: str) -> str:
 
 
 def make_channel(
-    target: str, *, max_message_bytes: int = 64 * MiB, credentials: grpc.ChannelCredentials | None = None
+    target: str, *, max_message_bytes: int = 64 * MiB, credentials: grpc.ChannelCredentials | None = None,
+    extra_options: Sequence[tuple[str, object]] = (),
 ) -> grpc.aio.Channel:
     options = [
         ("grpc.lb_policy_name", "round_robin"),
@@ -40,6 +41,7 @@ def make_channel(
         ("grpc.initial_reconnect_backoff_ms", 500),
         ("grpc.min_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        *extra_options,
     ]
     if credentials is not None:
         return grpc.aio.secure_channel(channel_target(target), credentials, options=options)
@@ -109,9 +111,10 @@ class EncoderClient:
 
 class DecoderClient:
     def __init__(
-        self, target: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, credentials: grpc.ChannelCredentials | None = None
+        self, target: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        credentials: grpc.ChannelCredentials | None = None, options: Sequence[tuple[str, object]] = (),
     ):
-        self.channel = make_channel(target, credentials=credentials)
+        self.channel = make_channel(target, credentials=credentials, extra_options=options)
         self._stub = decoder_pb2_grpc.LanguageDecoderStub(self.channel)
         self._chunk_bytes = chunk_bytes
         self._info: decoder_pb2.DecoderInfo | None = None

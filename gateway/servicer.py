@@ -29,6 +29,7 @@ from gateway.core import (
     VideoInput,
     internal_error,
 )
+from gateway.models import ServedModel, ServedModels
 from gateway.sessions import Session
 from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.interceptors import tenant_of
@@ -56,13 +57,15 @@ async def abort(context, error: ChatError) -> None:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, core: ChatCore):
-        self.core = core
+    def __init__(self, core: ChatCore, models: ServedModels | None = None):
+        self.core = core  # sessions and settings; turns go to their model's core
+        self.models = models or ServedModels([ServedModel(core.config.http.served_model_name, core)])
 
     async def ChatStream(self, request, context) -> AsyncIterator[gateway_pb2.ChatStreamResponse]:
         error = None
         try:
-            async for event in self.core.chat(chat_input(request), self._context(context)):
+            core = await self.models.core_for(request.model)
+            async for event in core.chat(chat_input(request), self._context(context)):
                 yield stream_response(event, request.session_id)
         except ChatError as err:
             error = err
@@ -73,7 +76,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Chat(self, request, context) -> gateway_pb2.ChatResponse:
         try:
-            return unary_response(await self.core.complete(chat_input(request), self._context(context)),
+            core = await self.models.core_for(request.model)
+            return unary_response(await core.complete(chat_input(request), self._context(context)),
                                   request.session_id)
         except ChatError as err:
             error = err
@@ -91,15 +95,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         ctx = self._context(context)
         contexts = [ctx] * n
         admission = None
-        if self.core.quotas is not None:  # the whole batch is admitted, or none of it
-            try:
-                admission = await self.core.quotas.admit(ctx, [r.generation.max_new_tokens for r in request.requests])
-            except ChatError as err:
-                await abort(context, err)
-            contexts = [dataclasses.replace(ctx, quota_ticket=t) for t in admission.tickets]
-        tasks = [asyncio.ensure_future(self.core.complete(chat_input(r), c))
-                 for r, c in zip(request.requests, contexts, strict=True)]
+        tasks = []
         try:
+            cores = [await self.models.core_for(r.model) for r in request.requests]
+            if self.core.quotas is not None:  # the whole batch is admitted, or none of it
+                admission = await self.core.quotas.admit(ctx, [r.generation.max_new_tokens for r in request.requests])
+                contexts = [dataclasses.replace(ctx, quota_ticket=t) for t in admission.tickets]
+            tasks = [asyncio.ensure_future(c.complete(chat_input(r), cx))
+                     for c, r, cx in zip(cores, request.requests, contexts, strict=True)]
             done = await asyncio.gather(*tasks)
             return gateway_pb2.BatchChatResponse(responses=[unary_response(c, "") for c in done])
         except ChatError as err:

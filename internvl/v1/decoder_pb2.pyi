@@ -137,7 +137,7 @@ class DecoderInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DecoderInfo(_message.Message):
-    __slots__ = ("fingerprint", "hidden_size", "tokens_per_tile", "max_context", "dtype", "model_name", "weight_quantization", "weight_bytes", "kv_cache_bytes", "lazy_images")
+    __slots__ = ("fingerprint", "hidden_size", "tokens_per_tile", "max_context", "dtype", "model_name", "weight_quantization", "weight_bytes", "kv_cache_bytes", "lazy_images", "family_member")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class DecoderInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAZY_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_MEMBER_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     hidden_size: int
     tokens_per_tile: int
@@ -158,4 +159,27 @@ class DecoderInfo(_message.Message):
     weight_bytes: int
     kv_cache_bytes: int
     lazy_images: bool
-    def __init__(self, fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., model_name: _Optional[str] = ..., weight_quantization: _Optional[_Union[WeightQuantization, str]] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., lazy_images: _Optional[bool] = ...) -> None: ...
+    family_member: str
+    def __init__(self, fingerprint: _Optional[str] = ..., hidden_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., model_name: _Optional[str] = ..., weight_quantization: _Optional[_Union[WeightQuantization, str]] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., lazy_images: _Optional[bool] = ..., family_member: _Optional[str] = ...) -> None: ...
+
+class GetLoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DecoderLoad(_message.Message):
+    __slots__ = ("running_sequences", "waiting_sequences", "kv_blocks_used", "kv_blocks_total", "max_num_seqs", "max_queue_size", "engine_healthy")
+    RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    running_sequences: int
+    waiting_sequences: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    max_num_seqs: int
+    max_queue_size: int
+    engine_healthy: bool
+    def __init__(self, running_sequences: _Optional[int] = ..., waiting_sequences: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., engine_healthy: _Optional[bool] = ...) -> None: ...

@@ -45,6 +45,11 @@ class LanguageDecoderStub:
                 request_serializer=internvl_dot_v1_dot_decoder__pb2.DecoderInfoRequest.SerializeToString,
                 response_deserializer=internvl_dot_v1_dot_decoder__pb2.DecoderInfo.FromString,
                 _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/internvl.v1.LanguageDecoder/GetLoad',
+                request_serializer=internvl_dot_v1_dot_decoder__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=internvl_dot_v1_dot_decoder__pb2.DecoderLoad.FromString,
+                _registered_method=True)
 
 
 class LanguageDecoderServicer:
@@ -77,6 +82,14 @@ class LanguageDecoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLoad(self, request, context):
+        """Load and readiness for routing: each gateway asks every replica about once a second (never
+        once per request). A replica that is loading, draining or gone fails the call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LanguageDecoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +102,11 @@ def add_LanguageDecoderServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=internvl_dot_v1_dot_decoder__pb2.DecoderInfoRequest.FromString,
                     response_serializer=internvl_dot_v1_dot_decoder__pb2.DecoderInfo.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=internvl_dot_v1_dot_decoder__pb2.GetLoadRequest.FromString,
+                    response_serializer=internvl_dot_v1_dot_decoder__pb2.DecoderLoad.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -146,6 +164,33 @@ class LanguageDecoder:
             '/internvl.v1.LanguageDecoder/GetModelInfo',
             internvl_dot_v1_dot_decoder__pb2.DecoderInfoRequest.SerializeToString,
             internvl_dot_v1_dot_decoder__pb2.DecoderInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/internvl.v1.LanguageDecoder/GetLoad',
+            internvl_dot_v1_dot_decoder__pb2.GetLoadRequest.SerializeToString,
+            internvl_dot_v1_dot_decoder__pb2.DecoderLoad.FromString,
             options,
             channel_credentials,
             insecure,

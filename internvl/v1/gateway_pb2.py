@@ -26,39 +26,39 @@ from internvl.v1 import decoder_pb2 as internvl_dot_v1_dot_decoder__pb2
 from internvl.v1 import vision_pb2 as internvl_dot_v1_dot_vision__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19internvl/v1/gateway.proto\x12\x0binternvl.v1\x1a\x19internvl/v1/decoder.proto\x1a\x18internvl/v1/vision.proto\"\x8d\x02\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\'\n\x06images\x18\x03 \x03(\x0b\x32\x17.internvl.v1.ImageInput\x12&\n\x05video\x18\x04 \x01(\x0b\x32\x17.internvl.v1.VideoInput\x12.\n\x0cimage_layout\x18\x05 \x01(\x0e\x32\x18.internvl.v1.ImageLayout\x12*\n\x06tiling\x18\x06 \x01(\x0b\x32\x1a.internvl.v1.TilingOptions\x12/\n\ngeneration\x18\x07 \x01(\x0b\x32\x1b.internvl.v1.SamplingParams\"\x8b\x01\n\x0cGroundingBox\x12\r\n\x05label\x18\x01 \x01(\t\x12\x18\n\x0bimage_index\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\x12\n\n\x02x2\x18\x05 \x01(\x02\x12\n\n\x02y2\x18\x06 \x01(\x02\x12\x12\n\nnormalized\x18\x07 \x01(\x08\x42\x0e\n\x0c_image_index\"\xaf\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.internvl.v1.FinishReason\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.internvl.v1.Usage\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12(\n\x05\x62oxes\x18\x05 \x03(\x0b\x32\x19.internvl.v1.GroundingBox\"\xb5\x01\n\x12\x43hatStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.internvl.v1.FinishReason\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.internvl.v1.Usage\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12(\n\x05\x62oxes\x18\x05 \x03(\x0b\x32\x19.internvl.v1.GroundingBox\">\n\x10\x42\x61tchChatRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.internvl.v1.ChatRequest\"A\n\x11\x42\x61tchChatResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.internvl.v1.ChatResponse\"[\n\x14\x43reateSessionRequest\x12\x1b\n\x0esystem_message\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\x42\x11\n\x0f_system_message\"D\n\x0bSessionTurn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\x12\x14\n\x0cimage_hashes\x18\x03 \x03(\t\"w\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0esystem_message\x18\x02 \x01(\t\x12\'\n\x05turns\x18\x03 \x03(\x0b\x32\x18.internvl.v1.SessionTurn\x12\x17\n\x0f\x65xpires_at_unix\x18\x04 \x01(\x03\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse*C\n\x0bImageLayout\x12\x19\n\x15IMAGE_LAYOUT_SEPARATE\x10\x00\x12\x19\n\x15IMAGE_LAYOUT_COMBINED\x10\x01\x32\xc3\x03\n\x07Gateway\x12;\n\x04\x43hat\x12\x18.internvl.v1.ChatRequest\x1a\x19.internvl.v1.ChatResponse\x12I\n\nChatStream\x12\x18.internvl.v1.ChatRequest\x1a\x1f.internvl.v1.ChatStreamResponse0\x01\x12J\n\tBatchChat\x12\x1d.internvl.v1.BatchChatRequest\x1a\x1e.internvl.v1.BatchChatResponse\x12H\n\rCreateSession\x12!.internvl.v1.CreateSessionRequest\x1a\x14.internvl.v1.Session\x12\x42\n\nGetSession\x12\x1e.internvl.v1.GetSessionRequest\x1a\x14.internvl.v1.Session\x12V\n\rDeleteSession\x12!.internvl.v1.DeleteSessionRequest\x1a\".internvl.v1.DeleteSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19internvl/v1/gateway.proto\x12\x0binternvl.v1\x1a\x19internvl/v1/decoder.proto\x1a\x18internvl/v1/vision.proto\"\x9c\x02\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\'\n\x06images\x18\x03 \x03(\x0b\x32\x17.internvl.v1.ImageInput\x12&\n\x05video\x18\x04 \x01(\x0b\x32\x17.internvl.v1.VideoInput\x12.\n\x0cimage_layout\x18\x05 \x01(\x0e\x32\x18.internvl.v1.ImageLayout\x12*\n\x06tiling\x18\x06 \x01(\x0b\x32\x1a.internvl.v1.TilingOptions\x12/\n\ngeneration\x18\x07 \x01(\x0b\x32\x1b.internvl.v1.SamplingParams\x12\r\n\x05model\x18\x08 \x01(\t\"\x8b\x01\n\x0cGroundingBox\x12\r\n\x05label\x18\x01 \x01(\t\x12\x18\n\x0bimage_index\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\x12\n\n\x02x2\x18\x05 \x01(\x02\x12\n\n\x02y2\x18\x06 \x01(\x02\x12\x12\n\nnormalized\x18\x07 \x01(\x08\x42\x0e\n\x0c_image_index\"\xaf\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.internvl.v1.FinishReason\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.internvl.v1.Usage\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12(\n\x05\x62oxes\x18\x05 \x03(\x0b\x32\x19.internvl.v1.GroundingBox\"\xb5\x01\n\x12\x43hatStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.internvl.v1.FinishReason\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.internvl.v1.Usage\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12(\n\x05\x62oxes\x18\x05 \x03(\x0b\x32\x19.internvl.v1.GroundingBox\">\n\x10\x42\x61tchChatRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.internvl.v1.ChatRequest\"A\n\x11\x42\x61tchChatResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.internvl.v1.ChatResponse\"[\n\x14\x43reateSessionRequest\x12\x1b\n\x0esystem_message\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\x42\x11\n\x0f_system_message\"D\n\x0bSessionTurn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\x12\x14\n\x0cimage_hashes\x18\x03 \x03(\t\"w\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0esystem_message\x18\x02 \x01(\t\x12\'\n\x05turns\x18\x03 \x03(\x0b\x32\x18.internvl.v1.SessionTurn\x12\x17\n\x0f\x65xpires_at_unix\x18\x04 \x01(\x03\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse*C\n\x0bImageLayout\x12\x19\n\x15IMAGE_LAYOUT_SEPARATE\x10\x00\x12\x19\n\x15IMAGE_LAYOUT_COMBINED\x10\x01\x32\xc3\x03\n\x07Gateway\x12;\n\x04\x43hat\x12\x18.internvl.v1.ChatRequest\x1a\x19.internvl.v1.ChatResponse\x12I\n\nChatStream\x12\x18.internvl.v1.ChatRequest\x1a\x1f.internvl.v1.ChatStreamResponse0\x01\x12J\n\tBatchChat\x12\x1d.internvl.v1.BatchChatRequest\x1a\x1e.internvl.v1.BatchChatResponse\x12H\n\rCreateSession\x12!.internvl.v1.CreateSessionRequest\x1a\x14.internvl.v1.Session\x12\x42\n\nGetSession\x12\x1e.internvl.v1.GetSessionRequest\x1a\x14.internvl.v1.Session\x12V\n\rDeleteSession\x12!.internvl.v1.DeleteSessionRequest\x1a\".internvl.v1.DeleteSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'internvl.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGELAYOUT']._serialized_start=1396
-  _globals['_IMAGELAYOUT']._serialized_end=1463
+  _globals['_IMAGELAYOUT']._serialized_start=1411
+  _globals['_IMAGELAYOUT']._serialized_end=1478
   _globals['_CHATREQUEST']._serialized_start=96
-  _globals['_CHATREQUEST']._serialized_end=365
-  _globals['_GROUNDINGBOX']._serialized_start=368
-  _globals['_GROUNDINGBOX']._serialized_end=507
-  _globals['_CHATRESPONSE']._serialized_start=510
-  _globals['_CHATRESPONSE']._serialized_end=685
-  _globals['_CHATSTREAMRESPONSE']._serialized_start=688
-  _globals['_CHATSTREAMRESPONSE']._serialized_end=869
-  _globals['_BATCHCHATREQUEST']._serialized_start=871
-  _globals['_BATCHCHATREQUEST']._serialized_end=933
-  _globals['_BATCHCHATRESPONSE']._serialized_start=935
-  _globals['_BATCHCHATRESPONSE']._serialized_end=1000
-  _globals['_CREATESESSIONREQUEST']._serialized_start=1002
-  _globals['_CREATESESSIONREQUEST']._serialized_end=1093
-  _globals['_SESSIONTURN']._serialized_start=1095
-  _globals['_SESSIONTURN']._serialized_end=1163
-  _globals['_SESSION']._serialized_start=1165
-  _globals['_SESSION']._serialized_end=1284
-  _globals['_GETSESSIONREQUEST']._serialized_start=1286
-  _globals['_GETSESSIONREQUEST']._serialized_end=1325
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1327
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1369
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1371
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1394
-  _globals['_GATEWAY']._serialized_start=1466
-  _globals['_GATEWAY']._serialized_end=1917
+  _globals['_CHATREQUEST']._serialized_end=380
+  _globals['_GROUNDINGBOX']._serialized_start=383
+  _globals['_GROUNDINGBOX']._serialized_end=522
+  _globals['_CHATRESPONSE']._serialized_start=525
+  _globals['_CHATRESPONSE']._serialized_end=700
+  _globals['_CHATSTREAMRESPONSE']._serialized_start=703
+  _globals['_CHATSTREAMRESPONSE']._serialized_end=884
+  _globals['_BATCHCHATREQUEST']._serialized_start=886
+  _globals['_BATCHCHATREQUEST']._serialized_end=948
+  _globals['_BATCHCHATRESPONSE']._serialized_start=950
+  _globals['_BATCHCHATRESPONSE']._serialized_end=1015
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1017
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1108
+  _globals['_SESSIONTURN']._serialized_start=1110
+  _globals['_SESSIONTURN']._serialized_end=1178
+  _globals['_SESSION']._serialized_start=1180
+  _globals['_SESSION']._serialized_end=1299
+  _globals['_GETSESSIONREQUEST']._serialized_start=1301
+  _globals['_GETSESSIONREQUEST']._serialized_end=1340
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1342
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1384
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1386
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1409
+  _globals['_GATEWAY']._serialized_start=1481
+  _globals['_GATEWAY']._serialized_end=1932
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ IMAGE_LAYOUT_SEPARATE: ImageLayout
 IMAGE_LAYOUT_COMBINED: ImageLayout
 
 class ChatRequest(_message.Message):
-    __slots__ = ("session_id", "text", "images", "video", "image_layout", "tiling", "generation")
+    __slots__ = ("session_id", "text", "images", "video", "image_layout", "tiling", "generation", "model")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class ChatRequest(_message.Message):
     IMAGE_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TILING_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     images: _containers.RepeatedCompositeFieldContainer[_vision_pb2.ImageInput]
@@ -32,7 +33,8 @@ class ChatRequest(_message.Message):
     image_layout: ImageLayout
     tiling: _vision_pb2.TilingOptions
     generation: _decoder_pb2.SamplingParams
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_vision_pb2.ImageInput, _Mapping]]] = ..., video: _Optional[_Union[_vision_pb2.VideoInput, _Mapping]] = ..., image_layout: _Optional[_Union[ImageLayout, str]] = ..., tiling: _Optional[_Union[_vision_pb2.TilingOptions, _Mapping]] = ..., generation: _Optional[_Union[_decoder_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    model: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_vision_pb2.ImageInput, _Mapping]]] = ..., video: _Optional[_Union[_vision_pb2.VideoInput, _Mapping]] = ..., image_layout: _Optional[_Union[ImageLayout, str]] = ..., tiling: _Optional[_Union[_vision_pb2.TilingOptions, _Mapping]] = ..., generation: _Optional[_Union[_decoder_pb2.SamplingParams, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GroundingBox(_message.Message):
     __slots__ = ("label", "image_index", "x1", "y1", "x2", "y2", "normalized")

@@ -78,7 +78,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("fingerprint", "image_size", "tokens_per_tile", "hidden_size", "default_max_tiles", "default_use_thumbnail", "dtype", "max_request_tiles")
+    __slots__ = ("fingerprint", "image_size", "tokens_per_tile", "hidden_size", "default_max_tiles", "default_use_thumbnail", "dtype", "max_request_tiles", "model_name", "family_member", "vision_fingerprint")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,9 @@ class ModelInfo(_message.Message):
     DEFAULT_USE_THUMBNAIL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_TILES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_MEMBER_FIELD_NUMBER: _ClassVar[int]
+    VISION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     image_size: int
     tokens_per_tile: int
@@ -95,4 +98,7 @@ class ModelInfo(_message.Message):
     default_use_thumbnail: bool
     dtype: _tensor_pb2.DType
     max_request_tiles: int
-    def __init__(self, fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., hidden_size: _Optional[int] = ..., default_max_tiles: _Optional[int] = ..., default_use_thumbnail: _Optional[bool] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., max_request_tiles: _Optional[int] = ...) -> None: ...
+    model_name: str
+    family_member: str
+    vision_fingerprint: str
+    def __init__(self, fingerprint: _Optional[str] = ..., image_size: _Optional[int] = ..., tokens_per_tile: _Optional[int] = ..., hidden_size: _Optional[int] = ..., default_max_tiles: _Optional[int] = ..., default_use_thumbnail: _Optional[bool] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., max_request_tiles: _Optional[int] = ..., model_name: _Optional[str] = ..., family_member: _Optional[str] = ..., vision_fingerprint: _Optional[str] = ...) -> None: ...

@@ -24,7 +24,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import PurePath
 
 import grpc
 import torch
@@ -37,6 +36,7 @@ from services.common.fingerprint import model_fingerprint
 from services.common.fit import DeviceMemory
 from services.common.limits import MAX_CACHE_SALT_CHARS, proto_sampling_problem
 from services.common.model_config import InternVLConfig
+from services.common.model_identity import family_member_of_dir, model_name
 from services.common.quantization import INT8, NO_QUANTIZATION
 from services.common.server import MiB
 from services.common.tensors import TORCH_TO_WIRE, WIRE_TO_TORCH, tensor_from_wire
@@ -55,6 +55,7 @@ from services.language_decoder.engine import (
     find_image_spans,
 )
 from services.language_decoder.fit_check import check_decoder_fits
+from services.language_decoder.load_report import load_report
 from services.language_decoder.model import load_language_model
 from services.language_decoder.prompt import (
     IMAGE_PLACEHOLDER,
@@ -112,6 +113,7 @@ class DecoderRuntime:
     quantize: str  # the decoder blocks' weights: "none" or "int8"
     weight_bytes: int
     kv_cache_bytes: int
+    family_member: str
 
     @property
     def template(self) -> ChatTemplate:
@@ -173,7 +175,7 @@ class DecoderRuntime:
         log.info("loaded language model from %s on %s in %s (fingerprint %s) in %.1fs",
                  root, device, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], fingerprint, time.monotonic() - started)
         return cls(engine, tokenizer, model_config, dtype, fingerprint, config.max_model_len, health,
-                   config.quantize, held, kv.nbytes)
+                   config.quantize, held, kv.nbytes, family_member_of_dir(root))
 
 
 class ResponseText:
@@ -225,12 +227,17 @@ class LanguageDecoderServicer(decoder_pb2_grpc.LanguageDecoderServicer):
             tokens_per_tile=rt.model_config.num_image_token,
             max_context=rt.max_model_len,
             dtype=TORCH_TO_WIRE[rt.dtype],
-            model_name=PurePath(self.config.model.rstrip("/")).name,
+            model_name=model_name(self.config.model),
+            family_member=rt.family_member,
             weight_quantization=WEIGHT_QUANTIZATIONS[rt.quantize],
             weight_bytes=rt.weight_bytes,
             kv_cache_bytes=rt.kv_cache_bytes,
             lazy_images=True,
         )
+
+    async def GetLoad(self, request, context) -> decoder_pb2.DecoderLoad:
+        rt = await self._runtime(context)
+        return load_report(rt.engine, rt.health.healthy)
 
     async def Generate(self, request_iterator, context) -> AsyncIterator[decoder_pb2.GenerateResponse]:
         rt = await self._runtime(context)

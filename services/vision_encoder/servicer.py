@@ -44,6 +44,7 @@ from services.common.fingerprint import model_fingerprint
 from services.common.fit import DeviceMemory
 from services.common.limits import DEFAULT_VIDEO_MAX_TILES, Tiling, resolve_tiling
 from services.common.model_config import InternVLConfig
+from services.common.model_identity import CUSTOM_MEMBER, family_member_of_dir, model_name, vision_fingerprint
 from services.common.tensors import TORCH_TO_WIRE, tensor_to_wire
 from services.common.tiling import known_tiles, tile_count
 from services.common.wire import DTYPE_NAMES, ITEMSIZE, iter_chunks
@@ -90,6 +91,8 @@ class ModelRuntime:
     fingerprint: str
     # Counts failed forward passes (services/common/engine_health.py).
     health: EngineHealth = field(default_factory=lambda: EngineHealth(EngineHealthConfig(), ENGINE_STEP))
+    vision_fingerprint: str = ""  # "" = feature keys use `fingerprint` (services/common/model_identity.py)
+    family_member: str = CUSTOM_MEMBER
 
     @classmethod
     def load(cls, config: EncoderConfig, memory: DeviceMemory | None = None) -> ModelRuntime:
@@ -106,6 +109,7 @@ class ModelRuntime:
         encoder = load_vision_encoder(root, device=device, dtype=dtype)
         wire_dtype = TORCH_TO_WIRE[dtype]
         fingerprint = model_fingerprint(root, DTYPE_NAMES[wire_dtype])
+        tower = vision_fingerprint(root, DTYPE_NAMES[wire_dtype])
 
         def forward(pixel_values: torch.Tensor) -> torch.Tensor:
             # Runs in the batcher's thread; the copy back to CPU happens here too, so the event loop
@@ -125,7 +129,8 @@ class ModelRuntime:
             time.monotonic() - started,
         )
         health = EngineHealth(config.engine_health_config(), ENGINE_STEP)
-        return cls(health.fault.wrap(forward), encoder.config, wire_dtype, fingerprint, health)
+        return cls(health.fault.wrap(forward), encoder.config, wire_dtype, fingerprint, health, tower,
+                   family_member_of_dir(root))
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,9 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
             default_use_thumbnail=mc.use_thumbnail,
             dtype=runtime.wire_dtype,
             max_request_tiles=self.config.max_request_tiles,
+            model_name=model_name(self.config.model),
+            family_member=runtime.family_member,
+            vision_fingerprint=runtime.vision_fingerprint,
         )
 
     async def Encode(
