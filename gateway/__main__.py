@@ -14,6 +14,7 @@ import logging
 import sys
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import GatewayConfig
 from gateway.core import ChatCore
@@ -21,7 +22,7 @@ from gateway.feature_cache import FeatureCache
 from gateway.http_server import HttpServer, create_app
 from gateway.media import MediaFetcher
 from gateway.peers import DecoderClient, EncoderClient
-from gateway.redis_connect import prepare, redis_client
+from gateway.redis_connect import prepare, redis_client, sync_redis_client
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
 from internvl.v1 import gateway_pb2, gateway_pb2_grpc
@@ -50,6 +51,12 @@ async def run(config: GatewayConfig) -> None:
     peer_credentials = config.peer_tls.credentials() if config.peer_tls else None
     session_redis = redis_client(config.client_url(config.session_redis_url))
     feature_redis = redis_client(config.client_url(config.feature_cache_url))
+    try:  # moves the values in a worker thread; a cluster client connects now, and may fail
+        feature_bulk = sync_redis_client(config.client_url(config.feature_cache_url))
+    except (RedisError, RedisClusterException, OSError) as exc:
+        log.warning("feature cache: no synchronous client (%s: %s); values move on the event loop",
+                    type(exc).__name__, exc)
+        feature_bulk = None
     if config.stores_share_instance:
         log.warning("sessions and the feature cache share one Redis (%s): its eviction policy applies to both, "
                     "so under LRU features evict sessions and under noeviction features fill it up. Give "
@@ -61,7 +68,7 @@ async def run(config: GatewayConfig) -> None:
             log.warning("%s: the Redis Cluster's slot map could not be loaded yet (%s)", store, problem)
     encoder = EncoderClient(config.encoder_target, credentials=peer_credentials)
     decoder = DecoderClient(config.decoder_target, credentials=peer_credentials)
-    cache = FeatureCache(feature_redis, config.cache)
+    cache = FeatureCache(feature_redis, config.cache, bulk_client=feature_bulk)
     sessions = SessionStore(session_redis, config.sessions)
     problem = await sessions.policy_problem()
     if problem:
@@ -102,6 +109,8 @@ async def run(config: GatewayConfig) -> None:
         await decoder.close()
         await session_redis.aclose()
         await feature_redis.aclose()
+        if feature_bulk is not None:
+            feature_bulk.close()
 
 
 def main(argv: list[str] | None = None) -> int:

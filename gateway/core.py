@@ -691,7 +691,7 @@ def _combine(features: Sequence[_Feature]) -> list[_Feature]:
     if len(features) <= 1:
         return list(features)
     first = features[0].entry
-    payload = b"".join(bytes(f.entry.payload) for f in features)
+    pieces = [piece for f in features for piece in f.entry.pieces]  # no copy: the chunks are relayed as they are
     shape = (sum(f.entry.num_tiles for f in features), *first.shape[1:])
     key = file_sha256("|".join(f.key for f in features).encode())
-    return [_Feature(key, Entry(first.dtype, shape, payload))]
+    return [_Feature(key, Entry(first.dtype, shape, pieces))]
