@@ -393,14 +393,15 @@ async def grpc_ops(
     n = len(payload)
     crc = zlib.crc32(payload)
     # Copies on the gateway side, per payload byte:
-    # - receive: kernel -> gRPC slice (1), slice -> the Python bytes handed to the deserializer (2); the
-    #   deserializer recognises a bare chunk message and keeps that bytes object (no protobuf parse).
+    # - receive: kernel -> gRPC slices (1), slices -> the one Python bytes handed to the deserializer (2; grpcio
+    #   releases that built it with a join of per-slice bytes: 3); the deserializer recognises a bare chunk
+    #   message and keeps that bytes object (no protobuf parse, no copy).
     # - send: the kept bytes object -> gRPC slice (1), slice -> kernel (2); the serializer returns it as is.
     enc = Result("encoder_to_gateway", "encoder -> gateway (EncoderClient.encode, chunks kept as received)", n,
-                 copies="2", floor="grpc_receive")
+                 copies="2-3", floor="grpc_receive")
     dec = Result("gateway_to_decoder", "gateway -> decoder (DecoderClient.generate relays those chunks)", n,
                  copies="2", floor="grpc_send")
-    e2e = Result("encoder_gateway_decoder", "encoder -> gateway -> decoder (both hops)", n, copies="4")
+    e2e = Result("encoder_gateway_decoder", "encoder -> gateway -> decoder (both hops)", n, copies="4-5")
     with _peer(_grpc_main, "encoder", tuple(shape), chunk_bytes) as enc_port, \
             _peer(_grpc_main, "decoder", tuple(shape), chunk_bytes) as dec_port:
         encoder = EncoderClient(f"127.0.0.1:{enc_port}")
@@ -448,9 +449,9 @@ async def grpc_floor_ops(
         raise ValueError("payload must be make_payload(payload_nbytes(shape)): the floor peer regenerates it")
     n = len(payload)
     crc = zlib.crc32(payload)
-    # kernel -> slice (1), slice -> the bytes each message is handed over as (2).
+    # kernel -> slices (1), slices -> the bytes each message is handed over as (2; or 3, see grpc_ops).
     receive = Result("grpc_receive", "floor: gRPC stream receive, raw bytes (no protobuf, nothing kept)", n,
-                     copies="2")
+                     copies="2-3")
     # bytes -> slice (1), slice -> kernel (2).
     send = Result("grpc_send", "floor: gRPC stream send, pre-serialized bytes (no protobuf)", n, copies="2")
     # upb parses the frame (1: into the message) and `.chunk` makes a new bytes (2) -- the old receive path.
@@ -523,13 +524,15 @@ async def redis_ops(payload: bytes, shape: Sequence[int], workdir: Path | None =
     # put: the frames are the received bytes objects (0 copies), xxh3 reads them once (a pass, not a copy),
     # redis-py sends each value by itself with sendall (1: user -> kernel).
     put = Result("cache_put", "Redis: FeatureCache.put (v2 list, sync client in a thread)", n,
-                 copies="1 + xxh3 pass", floor="redis_set")
+                 copies="1 + xxh3 pass", floor="resp_set")
     # get: recv (1: kernel -> bytes), redis-py's BytesIO buffer (2, plus its growth), read out of it (3),
     # `[:-2]` strips the CRLF (4); then xxh3 reads once; the frames are kept as returned (0).
     get = Result("cache_get", "Redis: FeatureCache.get (LRANGE in a thread, xxh3 verified)", n,
-                 copies="4 + xxh3 pass", floor="redis_get")
+                 copies="4 + xxh3 pass", floor="resp_get")
     raw_set = Result("redis_set", "floor: redis-py SET of the same bytes (sync, in a thread)", n, copies="1")
-    raw_get = Result("redis_get", "floor: redis-py GET of the same bytes (sync, in a thread)", n, copies="4")
+    # recv (1), BytesIO (2, and its growth: the whole value stays buffered), read out (3), `[:-2]` (4).
+    raw_get = Result("redis_get", "floor: redis-py GET of the same bytes (sync, in a thread)", n,
+                     copies="4 + growth")
     enc_only = Result("encode_entry", "cache codec alone: entry_to_values (xxh3, no I/O)", n,
                       copies="0 + xxh3 pass")
     dec_only = Result("decode_entry", "cache codec alone: entry_from_values (xxh3 verify, no I/O)", n,
@@ -639,6 +642,62 @@ async def redis_async_ops(payload: bytes, shape: Sequence[int], workdir: Path | 
             await client.aclose()
 
 
+def _resp_command(*args: bytes) -> list[bytes]:
+    """A RESP command as pieces to sendall one by one (the big argument is never joined)."""
+    pieces = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        pieces += [b"$%d\r\n" % len(arg), arg, b"\r\n"]
+    return pieces
+
+
+def _resp_line(sock: socket.socket) -> bytes:
+    line = bytearray()
+    while not line.endswith(b"\r\n"):
+        byte = sock.recv(1)
+        if not byte:
+            raise ConnectionError("redis-server closed the connection")
+        line += byte
+    return bytes(line[:-2])
+
+
+@contextlib.asynccontextmanager
+async def resp_floor_ops(payload: bytes, workdir: Path | None = None) -> AsyncIterator[list[Op]]:
+    """redis-server's own floor: SET/GET of the same bytes spoken in RESP over a blocking socket, the value
+    sent with sendall and read with recv_into a preallocated buffer (no client library)."""
+    n = len(payload)
+    key = b"bench:resp"
+    resp_set = Result("resp_set", "floor: RESP SET by hand (sendall, no client library)", n, copies="1")
+    resp_get = Result("resp_get", "floor: RESP GET by hand (recv_into a preallocated buffer)", n, copies="1")
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-resp-")))
+        server = stack.enter_context(RedisServer(workdir / "redis"))
+        sock = stack.enter_context(socket.create_connection(("127.0.0.1", server.port)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = memoryview(bytearray(n + 2))
+
+        async def set_value() -> None:  # blocking on purpose, like the raw socket
+            for piece in _resp_command(b"SET", key, payload):
+                sock.sendall(piece)
+            if _resp_line(sock) != b"+OK":
+                raise RuntimeError("RESP SET was refused")
+
+        async def get_value() -> memoryview:
+            for piece in _resp_command(b"GET", key):
+                sock.sendall(piece)
+            if _resp_line(sock) != b"$%d" % n:
+                raise TransferCorrupted("RESP GET: unexpected length")
+            if not _recv_exact(sock, buf):
+                raise ConnectionError("redis-server closed the connection")
+            return buf[:n]
+
+        await set_value()
+        if await get_value() != payload:
+            raise TransferCorrupted("RESP GET differs from SET")
+        resp_set.verified = resp_get.verified = True
+        yield [Op(resp_set, set_value), Op(resp_get, get_value)]
+
+
 async def bench_raw_socket(payload: bytes, repeats: int, warmup: int) -> list[Result]:
     async with raw_socket_ops(payload) as ops:
         return await measure(ops, repeats, warmup)
@@ -663,6 +722,11 @@ async def bench_redis(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> list[Result]:
     async with redis_ops(payload, shape, workdir, chunk_bytes) as ops:
+        return await measure(ops, repeats, warmup)
+
+
+async def bench_resp_floor(payload: bytes, repeats: int, warmup: int, workdir: Path | None = None) -> list[Result]:
+    async with resp_floor_ops(payload, workdir) as ops:
         return await measure(ops, repeats, warmup)
 
 
@@ -782,8 +846,9 @@ async def run_async(shape: Sequence[int] = SHAPE_8B_13_TILES, repeats: int = 20,
     async with raw_socket_ops(payload) as raw, grpc_ops(payload, shape, chunk_bytes) as hops, \
             grpc_floor_ops(payload, shape, chunk_bytes) as floors, \
             redis_ops(payload, shape, chunk_bytes=chunk_bytes) as cache, \
-            redis_async_ops(payload, shape, chunk_bytes=chunk_bytes) as cache_async:
-        baseline, *results = await measure([*raw, *hops, *floors, *cache, *cache_async], repeats, warmup)
+            redis_async_ops(payload, shape, chunk_bytes=chunk_bytes) as cache_async, \
+            resp_floor_ops(payload) as resp:
+        baseline, *results = await measure([*raw, *hops, *floors, *cache, *resp, *cache_async], repeats, warmup)
     by_key = {r.key: r for r in [baseline, *results]}
     for r in [baseline, *results]:
         r.ratio = r.median_ms / baseline.median_ms
