@@ -583,6 +583,7 @@ async def redis_ops(payload: bytes, shape: Sequence[int], workdir: Path | None =
             yield [Op(put, cache_put), Op(get, cache_get), Op(raw_set, set_raw), Op(raw_get, get_raw),
                    Op(enc_only, encode_only), Op(dec_only, decode_only)]
         finally:
+            cache.close()
             await client.aclose()
             bulk.close()
 

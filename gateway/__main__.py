@@ -109,6 +109,7 @@ async def run(config: GatewayConfig) -> None:
         await decoder.close()
         await session_redis.aclose()
         await feature_redis.aclose()
+        cache.close()
         if feature_bulk is not None:
             feature_bulk.close()
 

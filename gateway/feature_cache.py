@@ -27,6 +27,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,9 +170,12 @@ class FeatureCacheConfig:
     lock_ttl_s: float = 30.0  # outlives a slow encode; a crashed holder's lock just expires
     lock_wait_s: float = 5.0  # then compute anyway: a stuck replica must not stall this one
     lock_poll_s: float = 0.02
+    # Threads (each with its own connection) moving values for a bulk client: their own pool, so that a
+    # burst of cache traffic neither waits behind other work in asyncio's default executor nor takes it.
+    bulk_threads: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("ttl_s", "op_timeout_s", "lock_ttl_s", "lock_poll_s"):
+        for name in ("ttl_s", "op_timeout_s", "lock_ttl_s", "lock_poll_s", "bulk_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"FeatureCacheConfig.{name} must be positive")
         if self.max_entry_bytes <= 0 or self.retry_after_s < 0 or self.lock_wait_s < 0:
@@ -264,8 +268,10 @@ class FeatureCache:
     def __init__(self, client: aioredis.Redis, config: FeatureCacheConfig | None = None, *,
                  bulk_client: redis.Redis | None = None):
         self._redis = client
-        self._bulk = bulk_client
         self.config = config or FeatureCacheConfig()
+        self._bulk = bulk_client
+        self._bulk_pool = (ThreadPoolExecutor(self.config.bulk_threads, thread_name_prefix="feature-cache")
+                           if bulk_client is not None else None)
         self.stats = CacheStats()
         self._inflight: dict[str, asyncio.Future[tuple[Entry, bool]]] = {}
         self._unavailable_until = 0.0
@@ -304,10 +310,18 @@ class FeatureCache:
         self.stats.bytes_read += nbytes
         return entry
 
+    def close(self) -> None:
+        """Stop the bulk threads (the clients are the caller's to close)."""
+        if self._bulk_pool is not None:
+            self._bulk_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _in_bulk_thread(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        return asyncio.get_running_loop().run_in_executor(self._bulk_pool, fn, *args)
+
     async def _read(self, key: str) -> tuple[Entry, int] | None:
         """(entry, bytes read) or None when absent; EntryFormatError for a damaged value."""
         if self._bulk is not None:
-            return await asyncio.to_thread(_read_value, self._bulk, key)
+            return await self._in_bulk_thread(_read_value, self._bulk, key)
         try:
             value = await self._redis.lrange(key, 0, -1)
         except ResponseError as e:
@@ -337,7 +351,7 @@ class FeatureCache:
             return False
         ttl_ms = max(1, math.ceil((self.config.ttl_s if ttl_s is None else ttl_s) * 1000))
         if self._bulk is not None:
-            written = await self._call("RPUSH", key, lambda: asyncio.to_thread(
+            written = await self._call("RPUSH", key, lambda: self._in_bulk_thread(
                 _write_value, self._bulk, key, entry, ttl_ms))
         else:
             written = await self._call("RPUSH", key, lambda: self._write_async(key, entry, ttl_ms))

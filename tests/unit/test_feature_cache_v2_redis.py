@@ -44,9 +44,11 @@ def new_key() -> str:
 async def open_cache(url: str, mode: str) -> AsyncIterator[FeatureCache]:
     client = redis_client(url, timeout_s=5.0)
     bulk = sync_redis_client(url, timeout_s=5.0) if mode == "bulk_thread" else None
+    cache = FeatureCache(client, CONFIG, bulk_client=bulk)
     try:
-        yield FeatureCache(client, CONFIG, bulk_client=bulk)
+        yield cache
     finally:
+        cache.close()
         await client.aclose()
         if bulk is not None:
             bulk.close()
