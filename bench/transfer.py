@@ -807,6 +807,12 @@ class Report:
                      "CPU x floor = gw CPU / the gw CPU of the same transport with no processing (the 'floor:' "
                      "rows); copies = full copies of the payload the gateway side makes, kernel socket copies "
                      "included (by reading the code: see the comments in bench/transfer.py).")
+        per_mb = [(what, r.cpu_median_ms / (r.nbytes / 1e6)) for what, r in
+                  (("parse + .chunk", self.by_key("protobuf_parse")),
+                   ("build + serialize", self.by_key("protobuf_serialize"))) if r is not None]
+        if per_mb:
+            lines += ["", "protobuf, CPU per MB of payload (what the relay no longer pays): "
+                      + "; ".join(f"{what} {ms:.3f} ms" for what, ms in per_mb)]
         targets = self.targets()
         if targets:
             lines += ["", "Targets (issue 10):"]

@@ -47,7 +47,7 @@ def test_report_states_floors_copies_and_targets():
     hop = report.by_key("encoder_to_gateway")
     assert hop.floor == "grpc_receive" and hop.floor_ratio is not None and hop.copies
     table = report.table()
-    assert "CPU x floor" in table and "Targets (issue 10):" in table
+    assert "CPU x floor" in table and "Targets (issue 10):" in table and "CPU per MB" in table
     whats = [t[0] for t in report.targets()]
     assert len(whats) == 4 and any("both hops" in w for w in whats)
     assert all(t["met"] in (True, False) for t in report.as_dict()["targets"])
