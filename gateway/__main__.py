@@ -14,6 +14,7 @@ import logging
 import sys
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import GatewayConfig
 from gateway.core import ChatCore
@@ -25,7 +26,7 @@ from gateway.models import ServedModel, ServedModels
 from gateway.peers import EncoderClient
 from gateway.quota_store import QuotaStore
 from gateway.quotas import TenantQuotas
-from gateway.redis_connect import prepare, redis_client
+from gateway.redis_connect import prepare, redis_client, sync_redis_client
 from gateway.routing_metrics import RoutingCollector
 from gateway.servicer import GatewayServicer
 from gateway.sessions import SessionStore
@@ -56,6 +57,12 @@ async def run(config: GatewayConfig) -> None:
     peer_credentials = config.peer_tls.credentials() if config.peer_tls else None
     session_redis = redis_client(config.client_url(config.session_redis_url))
     feature_redis = redis_client(config.client_url(config.feature_cache_url))
+    try:  # moves the values in a worker thread; a cluster client connects now, and may fail
+        feature_bulk = sync_redis_client(config.client_url(config.feature_cache_url))
+    except (RedisError, RedisClusterException, OSError) as exc:
+        log.warning("feature cache: no synchronous client (%s: %s); values move on the event loop",
+                    type(exc).__name__, exc)
+        feature_bulk = None
     if config.stores_share_instance:
         log.warning("sessions and the feature cache share one Redis (%s): its eviction policy applies to both, "
                     "so under LRU features evict sessions and under noeviction features fill it up. Give "
@@ -70,7 +77,7 @@ async def run(config: GatewayConfig) -> None:
         spec.encoder_target for spec in config.model_specs)}
     pools = [DecoderPool(spec.decoder_target, config.routing, credentials=peer_credentials)
              for spec in config.model_specs]
-    cache = FeatureCache(feature_redis, config.cache)
+    cache = FeatureCache(feature_redis, config.cache, bulk_client=feature_bulk)
     sessions = SessionStore(session_redis, config.sessions)
     problem = await sessions.policy_problem()
     if problem:
@@ -132,6 +139,9 @@ async def run(config: GatewayConfig) -> None:
             await pool.close()
         await session_redis.aclose()
         await feature_redis.aclose()
+        cache.close()
+        if feature_bulk is not None:
+            feature_bulk.close()
 
 
 def main(argv: list[str] | None = None) -> int:

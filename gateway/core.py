@@ -799,9 +799,9 @@ def _combine(features: Sequence[_Feature]) -> list[_Feature]:
     if len(features) <= 1:
         return list(features)
     first = features[0].entry
-    payload = b"".join(bytes(f.entry.payload) for f in features)
+    pieces = [piece for f in features for piece in f.entry.pieces]  # no copy: the chunks are relayed as they are
     shape = (sum(f.entry.num_tiles for f in features), *first.shape[1:])
-    return [_Feature(combined_key([f.key for f in features]), Entry(first.dtype, shape, payload))]
+    return [_Feature(combined_key([f.key for f in features]), Entry(first.dtype, shape, pieces))]
 
 
 def _slots(features: Sequence[_Feature]) -> list[ImageSlot]:

@@ -18,7 +18,6 @@ from gateway.image_slots import ImageSlot
 from gateway.peers import DecoderClient, PeerProtocolError
 from gateway.transfer_stats import TransferStats
 from internvl.v1 import decoder_pb2
-from services.common.wire import iter_chunks
 
 
 def needed_indices(response: decoder_pb2.GenerateResponse, num_images: int) -> list[int]:
@@ -78,8 +77,8 @@ async def _send(call, slots: Sequence[ImageSlot], chunk_bytes: int, stats: Trans
     try:
         for load in loads:
             entry = await load
-            for chunk in iter_chunks(entry.payload, chunk_bytes):
-                await call.write(decoder_pb2.GenerateRequest(chunk=chunk))
+            for frame in entry.frames(chunk_bytes):
+                await call.write(frame)  # a serialized GenerateRequest{chunk}: relayed without a copy
             stats.decoder_sent_bytes += entry.nbytes
             stats.decoder_sent_images += 1
     finally:

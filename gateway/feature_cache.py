@@ -3,7 +3,11 @@
 One InternVL2-8B image at 13 tiles is ~26 MiB of bf16 embeddings and costs a full InternViT pass,
 so the same image (a retry, a later turn, another user) should be encoded once. Keys hash the
 image bytes together with everything that changes the result (tiling settings, model fingerprint);
-values are a small checksummed header plus the raw tensor bytes, moved as bytes: no torch here.
+values (gateway/feature_values.py) are a Redis list: a checksummed header, then the encoder's chunk
+messages as they came, so a hit goes to the decoder without a copy. No torch here.
+
+Values are tens of MiB: a synchronous client (`bulk_client`) moves them in a worker thread, where
+redis-py sends each list element with `sendall` (no join) and the event loop never waits on the copy.
 
 The cache is an optimisation, never a dependency: any Redis failure (down, slow, full, a corrupt
 value) is logged and counted, and the request goes on by computing the features. It has a Redis of
@@ -21,26 +25,32 @@ import logging
 import math
 import re
 import secrets
-import struct
 import time
-import zlib
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.redis_connect import redis_client as redis_client  # re-exported: callers build clients here
-from internvl.v1 import tensor_pb2
-from services.common.wire import DTYPE_NAMES, WireError, make_header
+# Re-exported: callers build clients and entries through this module.
+from gateway.feature_values import HEADER_FIXED_BYTES as HEADER_FIXED_BYTES
+from gateway.feature_values import Entry as Entry
+from gateway.feature_values import EntryFormatError as EntryFormatError
+from gateway.feature_values import decode_entry as decode_entry
+from gateway.feature_values import encode_entry as encode_entry
+from gateway.feature_values import entry_from_values, entry_to_values
+from gateway.redis_connect import redis_client as redis_client
+from gateway.redis_connect import sync_redis_client as sync_redis_client
 
 log = logging.getLogger(__name__)
 
-# Bump the version (here and FORMAT_VERSION) whenever the key derivation or value layout changes:
-# old entries then simply stop being found and age out through their TTL.
+# Bump the version whenever the key derivation changes: old entries then simply stop being found and
+# age out through their TTL. Value layouts are versioned inside the value (gateway/feature_values.py).
 KEY_PREFIX = "ivl:feat:v1:"
 LOCK_SUFFIX = ":lock"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -145,105 +155,6 @@ def video_frame_key(
 
 
 # ----------------------------------------------------------------------------------------------
-# Values
-
-
-class EntryFormatError(ValueError):
-    """A cached value is not a valid entry (bad magic, version, length or checksum)."""
-
-
-MAGIC = b"IVLF"
-FORMAT_VERSION = 1
-MAX_NDIM = 8
-# magic, version, dtype, ndim, reserved, num_tiles, payload length, then the crc32 of everything
-# else (this prefix, the shape and the payload), so any flipped byte, header included, is caught.
-_PREFIX = struct.Struct("<4sBBBBIQ")
-_CRC = struct.Struct("<I")
-HEADER_FIXED_BYTES = _PREFIX.size + _CRC.size  # 24; then 8 bytes per shape dimension
-
-# Checksumming/copying tens of MiB takes milliseconds; zlib.crc32 releases the GIL, so bigger
-# values go through a worker thread and the event loop keeps serving other requests.
-_OFFLOAD_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One item's embeddings: [num_tiles, tokens_per_tile, hidden] raw little-endian bytes."""
-
-    dtype: int  # internvl.v1.DType
-    shape: tuple[int, ...]
-    payload: bytes | bytearray | memoryview  # decode_entry returns a zero-copy memoryview
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-        if not 1 <= len(self.shape) <= MAX_NDIM:
-            raise ValueError(f"entry shape must have 1..{MAX_NDIM} dimensions, got {self.shape}")
-        if self.shape[0] >= 2**32:
-            raise ValueError(f"num_tiles {self.shape[0]} does not fit the header")
-        nbytes = make_header(self.dtype, self.shape).byte_length  # WireError on a bad dtype/shape
-        if memoryview(self.payload).nbytes != nbytes:
-            raise ValueError(
-                f"payload has {memoryview(self.payload).nbytes} bytes, shape {list(self.shape)} "
-                f"{DTYPE_NAMES[self.dtype]} needs {nbytes}"
-            )
-
-    @property
-    def num_tiles(self) -> int:
-        return self.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return memoryview(self.payload).nbytes
-
-    @property
-    def encoded_size(self) -> int:
-        return HEADER_FIXED_BYTES + 8 * len(self.shape) + self.nbytes
-
-    def tensor_header(self) -> tensor_pb2.TensorHeader:
-        return make_header(self.dtype, self.shape)
-
-
-def encode_entry(entry: Entry) -> bytes:
-    ndim = len(entry.shape)
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, entry.dtype, ndim, 0, entry.num_tiles, entry.nbytes)
-    shape = struct.pack(f"<{ndim}q", *entry.shape)
-    crc = zlib.crc32(entry.payload, zlib.crc32(shape, zlib.crc32(prefix)))
-    return b"".join((prefix, _CRC.pack(crc), shape, entry.payload))
-
-
-def decode_entry(raw: bytes | bytearray | memoryview) -> Entry:
-    """Parse and verify a value; raises EntryFormatError on any damage. The payload is not copied."""
-    view = memoryview(raw).cast("B")
-    if len(view) < HEADER_FIXED_BYTES:
-        raise EntryFormatError(f"truncated: {len(view)} bytes, the header alone is {HEADER_FIXED_BYTES}")
-    magic, version, dtype, ndim, reserved, num_tiles, payload_len = _PREFIX.unpack_from(view)
-    if magic != MAGIC:
-        raise EntryFormatError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise EntryFormatError(f"unsupported entry version {version} (this gateway reads {FORMAT_VERSION})")
-    if not 1 <= ndim <= MAX_NDIM or reserved != 0:
-        raise EntryFormatError(f"bad header (ndim={ndim}, reserved={reserved})")
-    shape_end = HEADER_FIXED_BYTES + 8 * ndim
-    if len(view) != shape_end + payload_len:
-        raise EntryFormatError(
-            f"length mismatch: header announces {payload_len} payload bytes, "
-            f"the value holds {len(view) - shape_end}"
-        )
-    (stored_crc,) = _CRC.unpack_from(view, _PREFIX.size)
-    shape_bytes, payload = view[HEADER_FIXED_BYTES:shape_end], view[shape_end:]
-    crc = zlib.crc32(payload, zlib.crc32(shape_bytes, zlib.crc32(view[: _PREFIX.size])))
-    if crc != stored_crc:
-        raise EntryFormatError(f"checksum mismatch (stored {stored_crc:08x}, computed {crc:08x})")
-    try:
-        entry = Entry(dtype, struct.unpack(f"<{ndim}q", shape_bytes), payload)
-    except (WireError, ValueError) as e:
-        raise EntryFormatError(f"inconsistent header: {e}") from e
-    if entry.num_tiles != num_tiles:
-        raise EntryFormatError(f"num_tiles {num_tiles} does not match shape {list(entry.shape)}")
-    return entry
-
-
-# ----------------------------------------------------------------------------------------------
 # The cache
 
 
@@ -259,9 +170,12 @@ class FeatureCacheConfig:
     lock_ttl_s: float = 30.0  # outlives a slow encode; a crashed holder's lock just expires
     lock_wait_s: float = 5.0  # then compute anyway: a stuck replica must not stall this one
     lock_poll_s: float = 0.02
+    # Threads (each with its own connection) moving values for a bulk client: their own pool, so that a
+    # burst of cache traffic neither waits behind other work in asyncio's default executor nor takes it.
+    bulk_threads: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("ttl_s", "op_timeout_s", "lock_ttl_s", "lock_poll_s"):
+        for name in ("ttl_s", "op_timeout_s", "lock_ttl_s", "lock_poll_s", "bulk_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"FeatureCacheConfig.{name} must be positive")
         if self.max_entry_bytes <= 0 or self.retry_after_s < 0 or self.lock_wait_s < 0:
@@ -288,6 +202,54 @@ class CacheStats:
 
 _FAILED: Any = object()  # sentinel: the Redis call failed and was already logged and counted
 
+# Checksumming/copying tens of MiB takes milliseconds; xxh3 and socket I/O release the GIL, so bigger
+# values go through a worker thread and the event loop keeps serving other requests.
+_OFFLOAD_BYTES = 1 << 20
+
+
+def _is_wrong_type(error: ResponseError) -> bool:
+    return str(error).startswith("WRONGTYPE")
+
+
+def _value_bytes(value: list[bytes] | bytes) -> int:
+    return sum(map(len, value)) if isinstance(value, list) else len(value)
+
+
+def _decode_value(value: list[bytes] | bytes) -> tuple[Entry, int]:
+    """A v2 list, or a v1 string written by an earlier gateway."""
+    entry = entry_from_values(value) if isinstance(value, list) else decode_entry(value)
+    return entry, _value_bytes(value)
+
+
+def _read_value(client: redis.Redis, key: str) -> tuple[Entry, int] | None:
+    """Read and verify `key` with a synchronous client (in a worker thread)."""
+    try:
+        value = client.lrange(key, 0, -1)
+    except ResponseError as e:
+        if not _is_wrong_type(e):
+            raise
+        value = client.get(key)  # a v1 string
+    return _decode_value(value) if value else None
+
+
+def _queue_write(pipe: Any, key: str, values: list[bytes], ttl_ms: int) -> None:
+    # Not MULTI (Redis Cluster clients of every supported redis-py version pipeline it, and a full Redis
+    # refuses a whole transaction): two replicas writing one key at once can leave a doubled list, which
+    # the header's frame count and checksum turn into one miss, never wrong bytes. One RPUSH carries the
+    # whole value, so a reader never sees half of one writer's list.
+    pipe.delete(key)
+    pipe.rpush(key, *values)
+    pipe.pexpire(key, ttl_ms)
+
+
+def _write_value(client: redis.Redis, key: str, entry: Entry, ttl_ms: int) -> int:
+    """Write `entry` with a synchronous client (in a worker thread); the bytes written."""
+    values = entry_to_values(entry)
+    with client.pipeline(transaction=False) as pipe:
+        _queue_write(pipe, key, values, ttl_ms)
+        pipe.execute()
+    return _value_bytes(values)
+
 _UNLOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -300,11 +262,17 @@ class FeatureCache:
     """Embeddings by key in Redis, with single-flight computation of misses.
 
     `client` must return bytes (decode_responses=False); `redis_client()` builds a suitable one.
+    `bulk_client`, a synchronous client of the same Redis (`sync_redis_client()`), moves the values in a
+    worker thread; without one, `client` moves them on the event loop (measured slower: bench/transfer.py).
     """
 
-    def __init__(self, client: aioredis.Redis, config: FeatureCacheConfig | None = None):
+    def __init__(self, client: aioredis.Redis, config: FeatureCacheConfig | None = None, *,
+                 bulk_client: redis.Redis | None = None):
         self._redis = client
         self.config = config or FeatureCacheConfig()
+        self._bulk = bulk_client
+        self._bulk_pool = (ThreadPoolExecutor(self.config.bulk_threads, thread_name_prefix="feature-cache")
+                           if bulk_client is not None else None)
         self.stats = CacheStats()
         self._inflight: dict[str, asyncio.Future[tuple[Entry, bool]]] = {}
         self._waiters: dict[asyncio.Future[tuple[Entry, bool]], int] = {}  # callers awaiting each in-flight task
@@ -330,22 +298,43 @@ class FeatureCache:
         return _FAILED
 
     async def _fetch(self, key: str) -> Entry | None:
-        raw = await self._call("GET", key, lambda: self._redis.get(key))
-        if raw is _FAILED or raw is None:
-            return None
         try:
-            if len(raw) >= _OFFLOAD_BYTES:
-                entry = await asyncio.to_thread(decode_entry, raw)
-            else:
-                entry = decode_entry(raw)
+            got = await self._call("LRANGE", key, lambda: self._read(key))
         except EntryFormatError as e:
             # Worst case this races a fresh write from another replica and deletes it: one extra miss.
             self.stats.corrupt += 1
             log.warning("feature cache: dropping corrupt entry %s: %s", key, e)
             await self._call("DEL", key, lambda: self._redis.delete(key))
             return None
-        self.stats.bytes_read += len(raw)
+        if got is _FAILED or got is None:
+            return None
+        entry, nbytes = got
+        self.stats.bytes_read += nbytes
         return entry
+
+    def close(self) -> None:
+        """Stop the bulk threads (the clients are the caller's to close)."""
+        if self._bulk_pool is not None:
+            self._bulk_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _in_bulk_thread(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        return asyncio.get_running_loop().run_in_executor(self._bulk_pool, fn, *args)
+
+    async def _read(self, key: str) -> tuple[Entry, int] | None:
+        """(entry, bytes read) or None when absent; EntryFormatError for a damaged value."""
+        if self._bulk is not None:
+            return await self._in_bulk_thread(_read_value, self._bulk, key)
+        try:
+            value = await self._redis.lrange(key, 0, -1)
+        except ResponseError as e:
+            if not _is_wrong_type(e):
+                raise
+            value = await self._redis.get(key)  # a v1 string
+        if not value:
+            return None
+        if _value_bytes(value) >= _OFFLOAD_BYTES:
+            return await asyncio.to_thread(_decode_value, value)
+        return _decode_value(value)
 
     async def get(self, key: str) -> Entry | None:
         entry = await self._fetch(key)
@@ -363,14 +352,25 @@ class FeatureCache:
                      key, entry.encoded_size, self.config.max_entry_bytes)
             return False
         ttl_ms = max(1, math.ceil((self.config.ttl_s if ttl_s is None else ttl_s) * 1000))
-        if entry.nbytes >= _OFFLOAD_BYTES:
-            raw = await asyncio.to_thread(encode_entry, entry)
+        if self._bulk is not None:
+            written = await self._call("RPUSH", key, lambda: self._in_bulk_thread(
+                _write_value, self._bulk, key, entry, ttl_ms))
         else:
-            raw = encode_entry(entry)
-        if await self._call("SET", key, lambda: self._redis.set(key, raw, px=ttl_ms)) is _FAILED:
+            written = await self._call("RPUSH", key, lambda: self._write_async(key, entry, ttl_ms))
+        if written is _FAILED:
             return False
-        self.stats.bytes_written += len(raw)
+        self.stats.bytes_written += written
         return True
+
+    async def _write_async(self, key: str, entry: Entry, ttl_ms: int) -> int:
+        if entry.nbytes >= _OFFLOAD_BYTES:
+            values = await asyncio.to_thread(entry_to_values, entry)
+        else:
+            values = entry_to_values(entry)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            _queue_write(pipe, key, values, ttl_ms)
+            await pipe.execute()
+        return _value_bytes(values)
 
     async def get_or_compute(self, key: str, compute: Compute) -> tuple[Entry, bool]:
         """The cached entry (hit=True), or `compute()`'s, stored for next time (hit=False).

@@ -15,7 +15,14 @@ import grpc
 
 from gateway.feature_cache import Entry
 from internvl.v1 import decoder_pb2, decoder_pb2_grpc, vision_pb2, vision_pb2_grpc
-from services.common.wire import DEFAULT_CHUNK_BYTES, Reassembler, WireError, iter_chunks
+from services.common.wire import (
+    DEFAULT_CHUNK_BYTES,
+    Chunk,
+    ChunkCollector,
+    WireError,
+    chunk_or,
+    serialize_chunk_or_message,
+)
 
 MiB = 1024 * 1024
 
@@ -48,6 +55,10 @@ def make_channel(
     return grpc.aio.insecure_channel(channel_target(target), options=options)
 
 
+def _method_path(service: str, method: str, descriptor) -> str:
+    return f"/{descriptor.services_by_name[service].full_name}/{method}"
+
+
 class PeerProtocolError(RuntimeError):
     """A peer's response stream broke the contract (chunks without header, wrong sizes)."""
 
@@ -58,6 +69,12 @@ class EncoderClient:
     ):
         self.channel = make_channel(target, credentials=credentials)
         self._stub = vision_pb2_grpc.VisionEncoderStub(self.channel)
+        # Encode's chunks arrive as `Chunk`s (no protobuf parse, no copy) and are relayed as they are.
+        self._encode = self.channel.unary_stream(
+            _method_path("VisionEncoder", "Encode", vision_pb2.DESCRIPTOR),
+            request_serializer=vision_pb2.EncodeRequest.SerializeToString,
+            response_deserializer=chunk_or(vision_pb2.EncodeResponse),
+        )
         self._max_item_bytes = max_item_bytes
         self._info: vision_pb2.ModelInfo | None = None
 
@@ -73,35 +90,41 @@ class EncoderClient:
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> list[tuple[vision_pb2.EmbeddingHeader, Entry]]:
-        """All items of one Encode call, reassembled from their chunks."""
+        """All items of one Encode call, each as the chunks it arrived in (sizes checked, nothing copied)."""
         items: list[tuple[vision_pb2.EmbeddingHeader, Entry]] = []
         header: vision_pb2.EmbeddingHeader | None = None
-        buf: Reassembler | None = None
+        item: ChunkCollector | None = None
 
         def finish() -> None:
             try:
-                payload = buf.result()
+                chunks = item.result()
             except WireError as exc:
                 raise PeerProtocolError(f"encoder item {header.index}: {exc}") from exc
-            items.append((header, Entry(header.tensor.dtype, tuple(header.tensor.shape), payload)))
+            items.append((header, Entry(header.tensor.dtype, tuple(header.tensor.shape), chunks)))
 
-        call = self._stub.Encode(request, timeout=timeout, metadata=metadata)
+        call = self._encode(request, timeout=timeout, metadata=metadata)
         try:
             async for msg in call:
-                if msg.HasField("header"):
-                    if buf is not None:
+                if not isinstance(msg, Chunk) and msg.HasField("chunk"):
+                    msg = Chunk.wrap(msg.chunk)  # one that protobuf parsed (unknown fields beside it, say)
+                if isinstance(msg, Chunk):
+                    try:
+                        if item is None:
+                            raise WireError("no header announced it")
+                        item.add(msg)
+                    except WireError as exc:
+                        raise PeerProtocolError(f"encoder sent bytes beyond the announced tensor: {exc}") from exc
+                elif msg.HasField("header"):
+                    if item is not None:
                         finish()
                     header = msg.header
                     try:
-                        buf = Reassembler(header.tensor, max_bytes=self._max_item_bytes)
+                        item = ChunkCollector(header.tensor, max_bytes=self._max_item_bytes)
                     except WireError as exc:
                         raise PeerProtocolError(f"encoder sent a bad header: {exc}") from exc
-                else:
-                    if buf is None or buf.feed(msg.chunk) != len(msg.chunk):
-                        raise PeerProtocolError("encoder sent bytes beyond the announced tensor")
         finally:
             call.cancel()  # no-op once finished; a cancelled caller (or a bad stream) stops the encode
-        if buf is not None:
+        if item is not None:
             finish()
         return items
 
@@ -116,6 +139,12 @@ class DecoderClient:
     ):
         self.channel = make_channel(target, credentials=credentials, extra_options=options)
         self._stub = decoder_pb2_grpc.LanguageDecoderStub(self.channel)
+        # Generate's chunks go out as `Chunk` frames, serialized once upstream (the encoder, Redis).
+        self._generate = self.channel.stream_stream(
+            _method_path("LanguageDecoder", "Generate", decoder_pb2.DESCRIPTOR),
+            request_serializer=serialize_chunk_or_message,
+            response_deserializer=decoder_pb2.GenerateResponse.FromString,
+        )
         self._chunk_bytes = chunk_bytes
         self._info: decoder_pb2.DecoderInfo | None = None
 
@@ -137,17 +166,17 @@ class DecoderClient:
         Cancelling the returned call (or its deadline passing) stops generation on the decoder.
         """
 
-        async def requests() -> AsyncIterator[decoder_pb2.GenerateRequest]:
+        async def requests() -> AsyncIterator[decoder_pb2.GenerateRequest | Chunk]:
             yield decoder_pb2.GenerateRequest(setup=setup)
             for entry in images:
-                for chunk in iter_chunks(entry.payload, self._chunk_bytes):
-                    yield decoder_pb2.GenerateRequest(chunk=chunk)
+                for chunk in entry.frames(self._chunk_bytes):
+                    yield chunk  # a serialized GenerateRequest{chunk}: relayed without a copy
 
-        return self._stub.Generate(requests(), timeout=timeout, metadata=metadata)
+        return self._generate(requests(), timeout=timeout, metadata=metadata)
 
     def open_generate(self, *, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()):
         """A Generate call to drive with write()/read() (the lazy-images conversation: gateway/decoder_exchange.py)."""
-        return self._stub.Generate(timeout=timeout, metadata=metadata)
+        return self._generate(timeout=timeout, metadata=metadata)
 
     @property
     def chunk_bytes(self) -> int:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 import redis.asyncio as aioredis
+import redis.cluster
+import redis.retry
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -60,6 +63,17 @@ def redis_client(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis | RedisC
         # have in flight on them (and a retried append would then be stored twice).
         return RedisCluster.from_url(plain, reinitialize_steps=0, **options)
     return aioredis.Redis.from_url(url, **options)
+
+
+def sync_redis_client(url: str, *, timeout_s: float = 1.0) -> redis.Redis | redis.cluster.RedisCluster:
+    """The synchronous twin of `redis_client` (same options), for calls made in a worker thread."""
+    options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                   retry=redis.retry.Retry(NoBackoff(), 1), decode_responses=False)
+    if is_cluster_url(url):
+        parts = urlsplit(url)
+        plain = urlunsplit(parts._replace(scheme=parts.scheme.removesuffix(CLUSTER_SUFFIX)))
+        return redis.cluster.RedisCluster.from_url(plain, reinitialize_steps=0, **options)
+    return redis.Redis.from_url(url, **options)
 
 
 async def prepare(client: aioredis.Redis | RedisCluster) -> str | None:

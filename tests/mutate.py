@@ -69,7 +69,11 @@ GROUPS = {
                            ("tests/unit/test_engine_block_manager.py",)),
     "scheduler": Group(("services/language_decoder/engine/scheduler.py",), ("tests/unit/test_engine_scheduler.py",)),
     "cache_keys": Group(("gateway/feature_cache.py",), ("tests/unit/test_feature_cache_format.py",)),
-    "wire": Group(("services/common/wire.py", "services/common/tensors.py"), ("tests/unit/test_wire.py",)),
+    "cache_values": Group(("gateway/feature_values.py",),
+                          ("tests/unit/test_feature_cache_format.py", "tests/unit/test_feature_values_v2.py",
+                           "tests/unit/test_wire_chunks.py")),
+    "wire": Group(("services/common/wire.py", "services/common/tensors.py"),
+                  ("tests/unit/test_wire.py", "tests/unit/test_wire_chunks.py")),
     "security": Group(("services/common/security.py",), ("tests/unit/test_security.py",)),
 }
 

@@ -29,7 +29,8 @@ import grpc
 import pytest
 import redis
 
-from gateway.feature_cache import KEY_PREFIX, LOCK_SUFFIX, decode_entry
+from gateway.feature_cache import KEY_PREFIX, LOCK_SUFFIX
+from gateway.feature_values import entry_from_values
 from internvl.v1 import decoder_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.server import channel_options
 from tests.conftest import load_kit
@@ -251,11 +252,13 @@ def test_corrupted_cache_entry_is_dropped_and_recomputed(stack: Stack, gw, r: re
     before = feature_keys(r)
     answer = gw.Chat(chat_request("Describe.", [image]), timeout=30).text
     (key,) = feature_keys(r) - before
-    good = r.get(key)
-    r.setrange(key, len(good) - 100, b"\xff\x00\xff\x00")  # flip payload bytes: only the checksum can tell
+    good = r.lrange(key, 0, -1)  # the v2 value: a header, then the encoder's chunk frames
+    frame = bytearray(good[-1])
+    frame[-100:-96] = bytes(b ^ 0xFF for b in frame[-100:-96])  # flip payload bytes: only the checksum can tell
+    r.lset(key, len(good) - 1, bytes(frame))
     assert gw.Chat(chat_request("Describe.", [image]), timeout=30).text == answer
-    assert r.get(key) == good  # recomputed and stored again
-    decode_entry(r.get(key))
+    assert r.lrange(key, 0, -1) == good  # recomputed and stored again
+    entry_from_values(r.lrange(key, 0, -1))
     assert "dropping corrupt entry" in stack.gateway.output_tail(100_000)
 
 

@@ -1,0 +1,108 @@
+"""The v2 feature-cache value (a Redis list of a header and chunk frames), without Redis."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from gateway.feature_values import (
+    V2_HEADER_FIXED_BYTES,
+    Entry,
+    EntryFormatError,
+    encode_entry,
+    entry_from_values,
+    entry_to_values,
+)
+from internvl.v1 import tensor_pb2
+from services.common.wire import Chunk, iter_chunks
+
+BF16, FP32 = tensor_pb2.DTYPE_BFLOAT16, tensor_pb2.DTYPE_FLOAT32
+SHAPE = (3, 4, 8)
+
+
+def received(shape=SHAPE, chunk_bytes: int = 50, dtype: int = BF16) -> Entry:
+    """An entry as EncoderClient hands it over: the chunk messages as they arrived."""
+    itemsize = 2 if dtype == BF16 else 4
+    data = os.urandom(shape[0] * shape[1] * shape[2] * itemsize)
+    return Entry(dtype, shape, [Chunk.wrap(p) for p in iter_chunks(data, chunk_bytes)])
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+def test_round_trip_keeps_the_received_frames(dtype):
+    entry = received(dtype=dtype)
+    values = entry_to_values(entry, max_chunk_bytes=64)
+    assert len(values) == 1 + (4 if dtype == BF16 else 8)  # header + 192 (bf16) / 384 (fp32) bytes by 50
+    if dtype == BF16:
+        assert all(v is p.frame for v, p in zip(values[1:], entry.pieces, strict=True))  # not copied
+    assert len(values[0]) == V2_HEADER_FIXED_BYTES + 8 * len(SHAPE)
+    back = entry_from_values(values)
+    assert back == entry and (back.dtype, back.shape, back.num_tiles) == (dtype, SHAPE, 3)
+    # What a get returns is ready to send: the same bytes objects, framed.
+    assert all(f.frame is v for f, v in zip(back.frames(), values[1:], strict=True))
+
+
+def test_a_contiguous_payload_is_framed_once():
+    data = os.urandom(3 * 4 * 8 * 2)
+    values = entry_to_values(Entry(BF16, SHAPE, data), max_chunk_bytes=100)
+    assert [len(Chunk.parse(v)) for v in values[1:]] == [100, 92]
+    assert bytes(entry_from_values(values).payload) == data
+
+
+def test_every_corrupted_header_byte_is_detected():
+    values = entry_to_values(received())
+    header = values[0]
+    for i in range(len(header)):
+        for flip in (0x01, 0x80):
+            damaged = bytearray(header)
+            damaged[i] ^= flip
+            with pytest.raises(EntryFormatError):
+                entry_from_values([bytes(damaged), *values[1:]])
+
+
+def test_a_flipped_payload_byte_is_detected():
+    values = entry_to_values(received())
+    frame = bytearray(values[2])
+    frame[-3] ^= 0x40
+    with pytest.raises(EntryFormatError, match="checksum"):
+        entry_from_values([values[0], values[1], bytes(frame), *values[3:]])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda v: v[:-1], "frame count"),  # the last frame lost
+    (lambda v: v + v[1:], "frame count"),  # two writers' RPUSHes after one DEL
+    (lambda v: [v[0], v[2], v[1], *v[3:]], "checksum"),  # frames out of order
+    (lambda v: [v[0], v[1][:-1], *v[2:]], "frame 0 is not a chunk message"),  # a truncated frame
+    (lambda v: [v[0], b"garbage", *v[2:]], "frame 0 is not a chunk message"),
+    (lambda v: [v[0][:10], *v[1:]], "truncated header"),
+    (lambda v: [b"XXXX" + v[0][4:], *v[1:]], "magic"),
+    (lambda v: [v[0][:4] + bytes([3]) + v[0][5:], *v[1:]], "version"),
+    (lambda v: [], "empty"),
+])
+def test_damage_gives_a_clear_error(damage, message):
+    with pytest.raises(EntryFormatError, match=message):
+        entry_from_values(damage(entry_to_values(received())))
+
+
+def test_frames_that_do_not_add_up_to_the_header_are_rejected():
+    values = entry_to_values(received(chunk_bytes=64))
+    shorter = Chunk.wrap(bytes(Chunk.parse(values[-1]).data)[:-2]).frame
+    with pytest.raises(EntryFormatError, match="length mismatch"):
+        entry_from_values([*values[:-1], shorter])
+
+
+def test_a_header_that_lies_consistently_about_the_shape_is_rejected():
+    # Re-checksummed by the writer, but the shape does not match the payload size.
+    entry = received()
+    lying = Entry(BF16, (3, 4, 8), list(entry.pieces))
+    values = entry_to_values(lying)
+    header = bytearray(values[0])
+    struct.pack_into("<q", header, V2_HEADER_FIXED_BYTES, 4)  # shape[0]: 3 -> 4
+    with pytest.raises(EntryFormatError):  # caught by the checksum, or by the size check behind it
+        entry_from_values([bytes(header), *values[1:]])
+
+
+def test_a_v1_string_is_not_a_v2_list():
+    with pytest.raises(EntryFormatError):
+        entry_from_values([encode_entry(received())])
