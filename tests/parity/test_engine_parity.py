@@ -72,7 +72,7 @@ def kit_requests(kit: Kit, features: dict[str, torch.Tensor]) -> tuple[list[Engi
             prompt = ids[b][mask[b].astype(bool)].tolist()
             embeds = torch.cat([features[i] for i in per_row[b]]) if per_row[b] else None
             spans = find_image_spans(prompt, ctx) if embeds is not None else []
-            gen = exp["generated_ids"][b]
+            gen = kit.generated_ids(case)[b]
             rid = f"{case['id']}/{b}"
             requests.append(
                 EngineRequest(
