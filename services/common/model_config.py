@@ -162,6 +162,8 @@ class InternVLConfig:
         llm["rope_scaling"] = self.llm.rope_scaling.to_dict() if self.llm.rope_scaling else None
         if llm["original_max_position_embeddings"] is None:
             del llm["original_max_position_embeddings"]
+        if self.llm.architecture != "LlamaForCausalLM":  # only Llama's config has these two
+            del llm["attention_bias"], llm["mlp_bias"]
         llm.update(
             architectures=[llm.pop("architecture")],
             model_type=MODEL_TYPES.get(self.llm.architecture, ""),
