@@ -203,3 +203,28 @@ def test_engine_matches_reference_loop(arch: str) -> None:
     if arch == "Phi3ForCausalLM":  # past the limit RoPE depends on the sequence: no prefix reuse
         assert not engine.block_manager.enable_prefix_caching
         assert engine.runner.rope.decode_table is not None  # decode steps still use a table (CUDA graphs)
+
+
+@pytest.mark.parametrize("arch", ["Phi3ForCausalLM", "LlamaForCausalLM"])
+def test_cuda_graph_decode_body_runs_eagerly_on_cpu(arch: str) -> None:
+    """The static-shape decode body the GPU captures, RoPE from the decode table: for Phi-3 decodes cross
+    its original context, where the table switches to the long factors."""
+    from services.language_decoder.engine.cuda_graphs import DecodeGraphs
+
+    model = random_model(tiny(arch))
+    engine = LLMEngine(model, EngineConfig(block_size=4, num_kv_blocks=256, max_num_seqs=3,
+                                           max_num_batched_tokens=16, max_model_len=96))
+    graphs = DecodeGraphs(model, engine.runner.kv_cache, engine.config, use_flash=False, capture=False,
+                          rope=engine.runner.rope)
+    engine.runner.graphs = graphs
+    used = []
+    run = graphs.run
+    graphs.run = lambda decodes: used.append(len(decodes)) or run(decodes)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (6, 25, 14)]
+    out = engine.run_until_done(
+        EngineRequest(f"r{i}", p, SamplingParams(max_new_tokens=20)) for i, p in enumerate(prompts)
+    )
+    for i, p in enumerate(prompts):
+        assert [t for o in out[f"r{i}"] for t in o.token_ids] == _reference(model, p, 20), i
+    assert used
