@@ -118,20 +118,20 @@ class LongRopeEmbedding(RotaryEmbedding):
     SCALING_TYPES = ("su", "longrope", "yarn")
 
     def __init__(self, cfg: LLMConfig) -> None:
-        super().__init__(cfg)
-        scaling = self.scaling
-        if scaling is None:
-            raise ValueError("Phi-3 long-context RoPE needs rope_scaling with short_factor and long_factor")
-        self.original_max_position_embeddings = (
-            cfg.original_max_position_embeddings or scaling.original_max_position_embeddings
-        )
-        if not self.original_max_position_embeddings:
+        scaling = cfg.rope_scaling  # checked before the base class computes frequencies from it
+        if scaling is None or scaling.type not in self.SCALING_TYPES:
+            raise ValueError(f"Phi-3 long-context RoPE needs rope_scaling of type {', '.join(self.SCALING_TYPES)} "
+                             f"with short_factor and long_factor, got {scaling!r}")
+        original = cfg.original_max_position_embeddings or scaling.original_max_position_embeddings
+        if not original:
             raise ValueError(f"rope_scaling type {scaling.type!r} needs original_max_position_embeddings")
-        half = self.dim // 2
+        half = cfg.head_dim // 2
         for name in ("short_factor", "long_factor"):
             factors = getattr(scaling, name)
             if factors is None or len(factors) != half:
                 raise ValueError(f"rope_scaling.{name} must list head_dim/2 = {half} factors, got {factors!r}")
+        super().__init__(cfg)
+        self.original_max_position_embeddings = original
         scale = self.max_position_embeddings / self.original_max_position_embeddings
         if scaling.attention_factor is not None:  # transformers' longrope lets the config set it
             self._attention_factor = scaling.attention_factor
