@@ -49,8 +49,8 @@ class RotaryEmbedding(nn.Module):
         self.scaling = cfg.rope_scaling
         if self.scaling is not None and self.scaling.type not in self.SCALING_TYPES:
             raise ValueError(
-                f"{type(self).__name__}: unknown rope_scaling type {self.scaling.type!r} "
-                f"(supported: {', '.join(self.SCALING_TYPES)})"
+                f"{cfg.architecture}: rope_scaling type {self.scaling.type!r} is not supported "
+                f"(supported: {', '.join(self.SCALING_TYPES) or 'none, rope_scaling must be null'})"
             )
         self.register_buffer("inv_freq", self._inv_freq(self.base, None), persistent=False)
 
