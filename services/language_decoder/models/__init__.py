@@ -99,7 +99,7 @@ def load_language_model(
     )
     if cast is not None and torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # the quantiser's fp32 temporaries: free before the KV cache is sized
-    assign_weights(model, tensors, f"language model ({cfg.architecture})")
+    assign_weights(model, tensors, "language model")
     # Non-persistent buffers are not in the checkpoint: create them on the real device, in fp32.
     model.rotary.init_buffers(device)
     return model.eval()
