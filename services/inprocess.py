@@ -16,7 +16,7 @@ from services.common.checkpoint import parse_dtype, resolve_model_dir
 from services.common.model_config import InternVLConfig
 from services.common.quantization import NO_QUANTIZATION
 from services.language_decoder.generate import generate
-from services.language_decoder.model import InternLM2ForCausalLM, load_language_model
+from services.language_decoder.models import CausalLM, load_language_model
 from services.language_decoder.prompt import build_batch_prompts, build_chat_prompt, extract_response, get_template
 from services.language_decoder.tokenizer_loader import Tokenizer, load_tokenizer, stop_token_id
 from services.vision_encoder.model import VisionEncoder, load_vision_encoder
@@ -40,7 +40,7 @@ class InternVLChat:
         self,
         config: InternVLConfig,
         vision: VisionEncoder,
-        llm: InternLM2ForCausalLM,
+        llm: CausalLM,
         tokenizer: Tokenizer,
     ):
         self.config = config

@@ -139,6 +139,23 @@ class Kit:
             self.lacks(f"safetensors file in model.weights ({listed!r})")
         return files
 
+    def generated_ids(self, case: dict | str) -> list[list[int]]:
+        """The ids upstream's model generated for each row of a chat case, as `generate()` gave them minus
+        any prompt echo: transformers 4.37 (the 4B kit) starts generation from `inputs_embeds` with a
+        `[bos]` input_ids row and returns it in front of the new tokens. Echo = ids per row beyond the
+        number of steps (`step_logits_shape[0]`); it must be the BOS token, or the kit is inconsistent."""
+        exp = (self.case(case) if isinstance(case, str) else case)["expected"]
+        steps = exp["step_logits_shape"][0]
+        rows = exp["generated_ids"]
+        echo = {len(row) - steps for row in rows}
+        if len(echo) != 1 or min(echo) < 0:
+            self.lacks(f"consistent generated_ids (row lengths {[len(r) for r in rows]} vs {steps} steps)")
+        n = echo.pop()
+        bos = self.manifest["special_token_ids"].get("<s>")
+        if n and any(row[:n] != [bos] * n for row in rows):
+            self.lacks(f"BOS ({bos}) as the {n} echoed id(s) in front of generated_ids")
+        return [row[n:] for row in rows]
+
     def text_token_range(self) -> range:
         """Ids of ordinary text tokens: from 3 up to the first special token above the first three."""
         special = [i for i in self.manifest["special_token_ids"].values() if i > 2]

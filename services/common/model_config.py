@@ -38,8 +38,49 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    type: str  # "dynamic" (NTK) or "linear"
-    factor: float
+    """`llm_config.rope_scaling`; which fields matter depends on `type` (see models/rope.py).
+
+    dynamic (NTK, InternLM2) and linear: `factor`. su / longrope / yarn (Phi-3): `short_factor` and
+    `long_factor` (one per rotary frequency), switched at `original_max_position_embeddings` (top-level
+    in Phi-3's config). llama3 (Llama 3.1): `factor`, `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings`.
+    """
+
+    type: str
+    factor: float | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RopeScaling:
+        """Upstream's dict; the type is `type` (older configs) or `rope_type` (newer transformers)."""
+        kind = raw.get("type", raw.get("rope_type"))
+        if not kind:
+            raise ValueError(f"rope_scaling {raw!r} names no type (`type` or `rope_type`)")
+        fields = _fields(cls, raw, exclude={"type", "short_factor", "long_factor"})
+        floats = {k: float(v) for k, v in fields.items() if k != "original_max_position_embeddings"}
+        ints = {k: int(v) for k, v in fields.items() if k == "original_max_position_embeddings"}
+        lists = {k: tuple(float(x) for x in raw[k]) for k in ("short_factor", "long_factor") if raw.get(k)}
+        return cls(type=str(kind), **floats, **ints, **lists)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if v is not None}
+        return out
+
+
+# `llm_config.model_type` of each language-model class (written into configs this project generates).
+MODEL_TYPES = {
+    "InternLM2ForCausalLM": "internlm2",
+    "Qwen2ForCausalLM": "qwen2",
+    "Phi3ForCausalLM": "phi3",
+    "LlamaForCausalLM": "llama",
+}
 
 
 @dataclass(frozen=True)
@@ -54,11 +95,17 @@ class LLMConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 32768
-    bias: bool = False
+    bias: bool = False  # InternLM2: every attention projection has a bias
     hidden_act: str = "silu"
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 2
+    # `llm_config.architectures[0]`: picks the model class (services/language_decoder/models).
+    architecture: str = "InternLM2ForCausalLM"
+    tie_word_embeddings: bool = False  # the output head is the token embedding (no lm_head tensor)
+    attention_bias: bool = False  # Llama: q/k/v/o biases
+    mlp_bias: bool = False  # Llama: gate/up/down biases
+    original_max_position_embeddings: int | None = None  # Phi-3: where long-context RoPE factors start
 
     @property
     def head_dim(self) -> int:
@@ -112,12 +159,15 @@ class InternVLConfig:
         from dataclasses import asdict
 
         llm = asdict(self.llm)
-        llm["rope_scaling"] = asdict(self.llm.rope_scaling) if self.llm.rope_scaling else None
+        llm["rope_scaling"] = self.llm.rope_scaling.to_dict() if self.llm.rope_scaling else None
+        if llm["original_max_position_embeddings"] is None:
+            del llm["original_max_position_embeddings"]
+        if self.llm.architecture != "LlamaForCausalLM":  # only Llama's config has these two
+            del llm["attention_bias"], llm["mlp_bias"]
         llm.update(
-            architectures=["InternLM2ForCausalLM"],
-            model_type="internlm2",
+            architectures=[llm.pop("architecture")],
+            model_type=MODEL_TYPES.get(self.llm.architecture, ""),
             attn_implementation="flash_attention_2",
-            tie_word_embeddings=False,
             torch_dtype="bfloat16",
         )
         vision = asdict(self.vision)
@@ -153,6 +203,9 @@ def _pick(cls: type, raw: dict[str, Any]):
 
 def _llm_from_dict(raw: dict[str, Any]) -> LLMConfig:
     scaling = raw.get("rope_scaling")
-    rope = RopeScaling(type=scaling["type"], factor=float(scaling["factor"])) if scaling else None
-    fields = _fields(LLMConfig, raw, exclude={"rope_scaling"})
-    return LLMConfig(rope_scaling=rope, **fields)
+    rope = RopeScaling.from_dict(scaling) if scaling else None
+    fields = _fields(LLMConfig, raw, exclude={"rope_scaling", "architecture"})
+    architectures = raw.get("architectures") or [LLMConfig.architecture]
+    if len(architectures) != 1:
+        raise ValueError(f"llm_config.architectures must name one model class, got {architectures!r}")
+    return LLMConfig(rope_scaling=rope, architecture=str(architectures[0]), **fields)

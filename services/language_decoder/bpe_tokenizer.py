@@ -163,6 +163,11 @@ class ByteLevelBPETokenizer(TokenizerBase):
 
     # `vocab_size` (all ids, added tokens included), `bos_id`, `pad_id`, `special_ids`, ... come from the base.
 
+    @property
+    def base_vocab_size(self) -> int:
+        """The vocabulary before the added tokens (what upstream calls `tokenizer.vocab_size`)."""
+        return self._tok.get_vocab_size(with_added_tokens=False)
+
     def token_to_id(self, token: str) -> int:
         idx = self._tok.token_to_id(token)
         if idx is None:

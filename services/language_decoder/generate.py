@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.language_decoder.model import InternLM2ForCausalLM, position_ids_from_mask
+from services.language_decoder.models import CausalLM
+from services.language_decoder.models.layers import position_ids_from_mask
 from services.language_decoder.sampling import sample
 
 
@@ -38,7 +39,7 @@ class GenerationOutput:
 
 @torch.inference_mode()
 def generate(
-    model: InternLM2ForCausalLM,
+    model: CausalLM,
     inputs_embeds: Tensor,
     attention_mask: Tensor,
     *,

@@ -169,7 +169,7 @@ class DecoderRuntime:
                 raise RuntimeError(f"{exc}{hint if engine_config.compile_layers else ''}") from exc
             log.info("warm-up (compilation, CUDA graphs) took %.1fs", time.monotonic() - warm_start)
         health = EngineHealth(config.engine_health_config(), "decoder engine step")
-        health.fault.install_on_module(model.model.tok_embeddings)  # test-only switch; every step embeds
+        health.fault.install_on_module(model.embedding)  # test-only switch; every step embeds
         engine = AsyncEngine(llm_engine, on_step=health.record)
         fingerprint = model_fingerprint(root, DTYPE_NAMES[TORCH_TO_WIRE[dtype]], config.quantize)
         log.info("loaded language model from %s on %s in %s (fingerprint %s) in %.1fs",

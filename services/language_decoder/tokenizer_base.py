@@ -240,6 +240,11 @@ class SentencePieceTokenizerBase(TokenizerBase):
         """The SentencePiece size only (what upstream calls `tokenizer.vocab_size`)."""
         return self._sp_size
 
+    @property
+    def base_vocab_size(self) -> int:
+        """The vocabulary before the added tokens (for SentencePiece: `sp_vocab_size`)."""
+        return self._sp_size
+
     def token_to_id(self, token: str) -> int:
         """Upstream `convert_tokens_to_ids`: added tokens, else the piece's id (the unk id if unknown)."""
         if token in self._added_encoder:

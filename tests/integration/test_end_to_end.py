@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 from internvl.v1 import decoder_pb2, gateway_pb2, vision_pb2
-from tests.conftest import Kit, load_kit
+from tests.conftest import load_kit
+from tests.integration.kit_chat import batch_requests, chat_request, run_case_chain
 from tests.integration.stack import Stack, start_stack
 
 KIT = load_kit()
@@ -34,52 +35,8 @@ def gateway(stack: Stack):
     channel.close()
 
 
-def greedy(case: dict) -> decoder_pb2.SamplingParams:
-    gen = case["inputs"]["generation_config"]
-    assert not gen["do_sample"]
-    return decoder_pb2.SamplingParams(max_new_tokens=gen["max_new_tokens"])
-
-
-def chat_request(kit: Kit, case: dict, session_id: str = "") -> gateway_pb2.ChatRequest:
-    """The gateway request that reproduces a kit case's first use of its media."""
-    inputs = case["inputs"]
-    request = gateway_pb2.ChatRequest(session_id=session_id, text=inputs["question"], generation=greedy(case))
-    media = inputs["images"]
-    if media == ["video"]:
-        video = kit.manifest["video"]
-        request.video.data = kit.path(video["file"]).read_bytes()
-        request.video.num_segments = video["load_video_args"]["num_segments"]
-        request.tiling.max_tiles = video["load_video_args"]["max_num"]
-    elif media:
-        images = kit.images
-        for image_id in media:
-            request.images.add(data=kit.path(images[image_id]["file"]).read_bytes())
-        request.tiling.max_tiles = images[media[0]]["max_num"]
-        if inputs["num_patches_list"] is None and len(media) > 1:
-            request.image_layout = gateway_pb2.IMAGE_LAYOUT_COMBINED
-    return request
-
-
 def run_chain(stub, case: dict) -> list[str]:
-    """Run a case, after its history cases in the same session; the answers of every round."""
-    chain = [case]
-    while chain[0]["inputs"]["history_from_case"]:
-        chain.insert(0, CASES[chain[0]["inputs"]["history_from_case"]])
-    session_id = ""
-    if len(chain) > 1:
-        session_id = stub.CreateSession(gateway_pb2.CreateSessionRequest()).session_id
-    answers = []
-    for i, step in enumerate(chain):
-        if i == 0:
-            request = chat_request(KIT, step, session_id)
-        else:  # later rounds: only the new question; media and history come from the session
-            request = gateway_pb2.ChatRequest(session_id=session_id, text=step["inputs"]["question"],
-                                              generation=greedy(step))
-        answers.append(stub.Chat(request, timeout=120).text)
-    if session_id:
-        session = stub.GetSession(gateway_pb2.GetSessionRequest(session_id=session_id))
-        assert [[t.user, t.assistant] for t in session.turns] == case["expected"]["history"]
-    return answers
+    return run_case_chain(KIT, stub, case)
 
 
 @pytest.mark.parametrize("case_id", [c for c in CASES if CASES[c]["api"] == "chat"])
@@ -106,15 +63,7 @@ def test_streaming_equals_unary(gateway, case_id: str):
 @pytest.mark.parametrize("case_id", [c for c in CASES if CASES[c]["api"] == "batch_chat"])
 def test_batch_case_through_gateway(gateway, case_id: str):
     case = CASES[case_id]
-    inputs = case["inputs"]
-    images = KIT.images
-    requests = []
-    for question, image_id in zip(inputs["questions"], inputs["images"], strict=True):
-        request = gateway_pb2.ChatRequest(text=question, generation=greedy(case))
-        request.images.add(data=KIT.path(images[image_id]["file"]).read_bytes())
-        request.tiling.max_tiles = images[image_id]["max_num"]
-        requests.append(request)
-    reply = gateway.BatchChat(gateway_pb2.BatchChatRequest(requests=requests), timeout=120)
+    reply = gateway.BatchChat(gateway_pb2.BatchChatRequest(requests=batch_requests(KIT, case)), timeout=120)
     assert [r.text for r in reply.responses] == case["expected"]["responses"]
 
 

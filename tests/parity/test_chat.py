@@ -7,11 +7,10 @@ template, and compares with what upstream's `chat()` / `batch_chat()` returned.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from services.inprocess import GenerationSettings, InternVLChat
-from services.vision_encoder.preprocess import load_image, load_video
 from tests.conftest import Kit, load_kit
+from tests.kit_cases import case_pixel_values
 
 CASES = load_kit().manifest["chat_cases"]
 
@@ -19,31 +18,6 @@ CASES = load_kit().manifest["chat_cases"]
 @pytest.fixture(scope="module")
 def model(kit: Kit) -> InternVLChat:
     return InternVLChat.load(kit.root, device="cpu", dtype="fp32")
-
-
-def case_pixel_values(kit: Kit, case: dict) -> tuple[torch.Tensor | None, list[int] | None]:
-    """Pixel values the way upstream's quick-start builds them from the kit's source files."""
-    inputs = case["inputs"]
-    if not inputs["images"]:
-        return None, None
-    if inputs["images"] == ["video"]:
-        video = kit.manifest["video"]
-        args = video["load_video_args"]
-        pixel_values, num_patches = load_video(
-            kit.path(video["file"]), bound=args["bound"], input_size=args["input_size"],
-            max_num=args["max_num"], num_segments=args["num_segments"],
-        )
-        assert num_patches == inputs["num_patches_list"]
-        return pixel_values, num_patches
-    images = kit.images
-    tiles = [
-        load_image(kit.path(images[i]["file"]), max_num=images[i]["max_num"],
-                   image_size=kit.manifest["preprocess"]["input_size"])
-        for i in inputs["images"]
-    ]
-    pixel_values = torch.cat(tiles)
-    assert pixel_values.shape[0] == inputs["pixel_values_num_tiles"]
-    return pixel_values, inputs["num_patches_list"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])

@@ -2,12 +2,15 @@
 
 Prompts are the kit's `input_ids.npy` (batch rows without their left padding), image embeddings come
 from our vision encoder on the kit's tile PNGs, and the expected ids are upstream's `generated_ids`
-up to and including `<|im_end|>`. Batched runs use chunked prefill, prefix reuse and (in one variant)
-a KV cache small enough to force preemptions, so the same greedy ids prove those paths exact.
+up to and including the stop token (the template separator). Batched runs use chunked prefill, prefix
+reuse and (in one variant) a KV cache small enough to force preemptions, so the same greedy ids prove
+those paths exact.
 Streaming is checked with the kit's real tokenizer: joined text deltas equal the full decode.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -17,24 +20,31 @@ from services.language_decoder.engine import (
     EngineRequest,
     LLMEngine,
     SamplingParams,
-    find_image_spans,
 )
-from services.language_decoder.model import InternLM2ForCausalLM, load_language_model
-from services.language_decoder.tokenizer import InternLM2Tokenizer
+from services.language_decoder.models import CausalLM, load_language_model
+from services.language_decoder.prompt import get_template
+from services.language_decoder.tokenizer_loader import Tokenizer, load_tokenizer, stop_token_id
 from tests.conftest import Kit, load_kit
+from tests.kit_cases import kit_requests, other_traffic
 
 _KIT = load_kit()
 _CASE_IDS = [c["id"] for c in _KIT.manifest["chat_cases"]]
 
 
 @pytest.fixture(scope="module")
-def lm(kit: Kit) -> InternLM2ForCausalLM:
+def lm(kit: Kit) -> CausalLM:
     return load_language_model(kit.root, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(kit: Kit) -> InternLM2Tokenizer:
-    return InternLM2Tokenizer.from_dir(kit.root)
+def tokenizer(kit: Kit) -> Tokenizer:
+    return load_tokenizer(kit.root)
+
+
+@pytest.fixture(scope="module")
+def stop_id(kit: Kit, tokenizer: Tokenizer) -> int:
+    """The id chat() stops on: the separator of the template the kit's config.json names."""
+    return stop_token_id(tokenizer, get_template(json.loads(kit.text("config.json"))["template"]))
 
 
 @pytest.fixture(scope="module")
@@ -53,55 +63,6 @@ def features(kit: Kit):
                 feats = encoder.extract_feature(pixel_values).float()
             cache[image_id] = feats.reshape(-1, feats.shape[-1])
     return cache
-
-
-def kit_requests(kit: Kit, features: dict[str, torch.Tensor]) -> tuple[list[EngineRequest], dict[str, dict]]:
-    """One request per prompt row of every chat case, and what upstream produced for it."""
-    ctx = kit.manifest["special_token_ids"]["<IMG_CONTEXT>"]
-    requests, expected = [], {}
-    for case in kit.manifest["chat_cases"]:
-        exp, inputs = case["expected"], case["inputs"]
-        eos = inputs["effective_generate_kwargs"]["eos_token_id"]
-        max_new = inputs["effective_generate_kwargs"]["max_new_tokens"]
-        ids, mask = kit.npy(exp["input_ids_file"]), kit.npy(exp["attention_mask_file"])
-        images = inputs["images"]
-        rows = len(ids)
-        # batch_chat: one image per row; chat: every image of the case, in order, in the one row.
-        per_row = [[img] for img in images] if rows > 1 else [images]
-        for b in range(rows):
-            prompt = ids[b][mask[b].astype(bool)].tolist()
-            embeds = torch.cat([features[i] for i in per_row[b]]) if per_row[b] else None
-            spans = find_image_spans(prompt, ctx) if embeds is not None else []
-            gen = exp["generated_ids"][b]
-            rid = f"{case['id']}/{b}"
-            requests.append(
-                EngineRequest(
-                    rid, prompt, SamplingParams(max_new_tokens=max_new, stop_token_ids=(eos,)), embeds, spans
-                )
-            )
-            expected[rid] = {"ids": gen[: gen.index(eos) + 1] if eos in gen else gen,
-                             "response": exp["responses"][b]}
-    return requests, expected
-
-
-def other_traffic(kit: Kit, hidden: int, tokens_per_tile: int, n: int = 10) -> list[EngineRequest]:
-    """Random prompts (some with one tile of random image embeddings, some sampled with a seed)."""
-    gen = torch.Generator().manual_seed(11)
-    ctx = kit.manifest["special_token_ids"]["<IMG_CONTEXT>"]
-    text_ids = kit.text_token_range()
-    out = []
-    for i in range(n):
-        length = int(torch.randint(5, 400, (1,), generator=gen))
-        prompt = torch.randint(text_ids.start, text_ids.stop, (length,), generator=gen).tolist()
-        embeds, spans = None, []
-        if i % 3 == 0:
-            at = min(20, len(prompt))  # the image goes after the first 20 tokens, or at the end of a shorter prompt
-            prompt = prompt[:at] + [ctx] * tokens_per_tile + prompt[at:]
-            embeds, spans = torch.randn(tokens_per_tile, hidden, generator=gen), [(at, at + tokens_per_tile)]
-        sampling = SamplingParams(max_new_tokens=int(torch.randint(1, 160, (1,), generator=gen)),
-                                  do_sample=i % 2 == 1, temperature=0.8, top_p=0.9, seed=i)
-        out.append(EngineRequest(f"noise/{i}", prompt, sampling, embeds, spans))
-    return out
 
 
 BLOCK_SIZE = 16
@@ -203,11 +164,12 @@ def scripted_engine(lm, tokenizer, scripts: dict[str, list[int]], **overrides) -
     return eng
 
 
-def test_streamed_cjk_and_byte_fallback_text_equals_full_decode(kit, lm, tokenizer) -> None:
-    im_end = kit.manifest["special_token_ids"]["<|im_end|>"]
+def test_streamed_cjk_and_byte_fallback_text_equals_full_decode(kit, lm, tokenizer, stop_id) -> None:
+    im_end = stop_id
     scripts = {f"s{i}": tokenizer.encode(t, add_bos=False) + [im_end] for i, t in enumerate(STREAM_TEXTS)}
-    # Byte-fallback pieces are really there (e.g. the emoji): deltas must never split a character.
-    assert any(tokenizer.id_to_token(t).startswith("<0x") for s in scripts.values() for t in s)
+    # Tokens holding part of a character are really there (SentencePiece byte fallback, byte-level BPE
+    # pieces of e.g. the emoji): they decode alone to U+FFFD, and deltas must never split a character.
+    assert any("\ufffd" in tokenizer.decode([t]) for s in scripts.values() for t in s)
     eng = scripted_engine(lm, tokenizer, scripts)
     prompts = {rid: [1, 100 + i, 200 + i] for i, rid in enumerate(scripts)}
     out = eng.run_until_done(
@@ -216,7 +178,9 @@ def test_streamed_cjk_and_byte_fallback_text_equals_full_decode(kit, lm, tokeniz
     )
     for rid, ids in scripts.items():
         assert ids_of(out[rid]) == ids and out[rid][-1].finish_reason == "stop"
-        full = tokenizer.decode(ids, skip_special_tokens=True)
+        # The stop token ends the stream and is no part of its text (Phi-3's <|end|> is not a special
+        # token, so a full decode would show it).
+        full = tokenizer.decode(ids[:-1], skip_special_tokens=True)
         deltas = [o.text for o in out[rid]]
         assert "".join(deltas) == full
         assert "\ufffd" not in "".join(deltas)

@@ -1,4 +1,4 @@
-"""InternLM2 decoder parity against the kit's upstream goldens (fp32, CPU).
+"""Language-model parity (the architecture the kit names) against the kit's upstream goldens (fp32, CPU).
 
 Prompts come straight from the kit's `input_ids.npy` / `attention_mask.npy`, so these tests check
 the decoder and the generation loop alone, not the tokenizer or the prompt template.
@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from services.language_decoder.generate import generate
-from services.language_decoder.model import InternLM2ForCausalLM, load_language_model, position_ids_from_mask
+from services.language_decoder.models import CausalLM, load_language_model
+from services.language_decoder.models.layers import position_ids_from_mask
 from tests.conftest import Kit, load_kit
 
 _KIT = load_kit()
@@ -37,7 +38,7 @@ _IMAGE_PARAMS = [
 
 
 @pytest.fixture(scope="module")
-def lm(kit: Kit) -> InternLM2ForCausalLM:
+def lm(kit: Kit) -> CausalLM:
     return load_language_model(kit.root, device="cpu", dtype=torch.float32)
 
 
@@ -67,7 +68,7 @@ def _close(actual: np.ndarray, expected: np.ndarray, tol: dict, what: str) -> No
     )
 
 
-def _check_case(kit: Kit, lm: InternLM2ForCausalLM, case_id: str, image_embeds: torch.Tensor | None) -> None:
+def _check_case(kit: Kit, lm: CausalLM, case_id: str, image_embeds: torch.Tensor | None) -> None:
     case = kit.chat_cases[case_id]
     exp, tol = case["expected"], kit.tolerances
     kwargs = case["inputs"]["effective_generate_kwargs"]
@@ -91,14 +92,14 @@ def _check_case(kit: Kit, lm: InternLM2ForCausalLM, case_id: str, image_embeds: 
         pad_token_id=kwargs["pad_token_id"], do_sample=kwargs.get("do_sample", False),
         repetition_penalty=kwargs.get("repetition_penalty", 1.0), return_step_logits=True,
     )
-    assert out.token_ids == exp["generated_ids"], "greedy ids differ from upstream generate()"
+    assert out.token_ids == kit.generated_ids(case), "greedy ids differ from upstream generate()"
 
     # Step logits are comparable per row only up to (and including) the step that emitted EOS;
     # later steps of a finished batch row run on pad inputs.
     step_expected = kit.npy(exp["step_logits_file"])
     assert out.step_logits is not None and out.step_logits.shape == step_expected.shape
     eos = kwargs["eos_token_id"]
-    for b, ids in enumerate(exp["generated_ids"]):
+    for b, ids in enumerate(kit.generated_ids(case)):
         n = ids.index(eos) + 1 if eos in ids else len(ids)
         actual = out.step_logits[:n, b].numpy()
         _close(actual, step_expected[:n, b], tol["step_logits_fp32"], f"step logits row {b}")
@@ -110,13 +111,13 @@ def test_kit_has_text_and_image_cases() -> None:
 
 
 @pytest.mark.parametrize("case_id", _TEXT_CASES)
-def test_text_case(kit: Kit, lm: InternLM2ForCausalLM, case_id: str) -> None:
+def test_text_case(kit: Kit, lm: CausalLM, case_id: str) -> None:
     _check_case(kit, lm, case_id, None)
 
 
 @pytest.mark.parametrize(("case_id", "source"), _IMAGE_PARAMS)
 def test_image_case(
-    request: pytest.FixtureRequest, kit: Kit, lm: InternLM2ForCausalLM, case_id: str, source: str
+    request: pytest.FixtureRequest, kit: Kit, lm: CausalLM, case_id: str, source: str
 ) -> None:
     images = kit.chat_cases[case_id]["inputs"]["images"]
     if source == "stored_features":

@@ -1,22 +1,24 @@
 """Prompt-template parity against the kit named by PARITY_KIT: each chat case's prompt is rebuilt
-from its `inputs` (question(s), history, tile counts from the manifest's images / video) and must
-equal the kit's prompt file(s) byte for byte, with the history upstream `chat()` returned.
+from its `inputs` (question(s), history, tile counts from the manifest's images / video) with the
+template the kit's config.json names, and must equal the kit's prompt file(s) byte for byte, with the
+history upstream `chat()` returned.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from services.language_decoder.prompt import (
-    IM_END_TOKEN,
     IMAGE_PLACEHOLDER,
     IMG_CONTEXT_TOKEN,
-    INTERNLM2_CHAT,
     SYSTEM_MESSAGE,
+    ChatTemplate,
     build_batch_prompts,
     build_chat_prompt,
+    get_template,
     video_question,
 )
 from tests.conftest import load_kit
@@ -25,6 +27,11 @@ _KIT = load_kit()  # collection time: a broken PARITY_KIT is a collection error,
 _CHAT_CASE_IDS = [case["id"] for case in _KIT.manifest["chat_cases"]]
 _BATCH_CASES = [c["id"] for c in _KIT.manifest["chat_cases"] if c["api"] == "batch_chat"]
 _VIDEO_CASES = [c["id"] for c in _KIT.manifest["chat_cases"] if c["inputs"]["images"] == ["video"]]
+
+
+@pytest.fixture(scope="module")
+def template(kit) -> ChatTemplate:
+    return get_template(json.loads(kit.text("config.json"))["template"])
 
 
 def _num_image_token(kit) -> int:
@@ -78,15 +85,17 @@ def test_kit_has_cases():
     assert _CHAT_CASE_IDS, "manifest has no chat_cases"
 
 
-def test_conversation_constants(kit):
+def test_conversation_constants(kit, template):
     conv = kit.manifest["conversation"]
-    assert conv["template"] == INTERNLM2_CHAT.name == kit.manifest["model"]["template"]
-    assert conv["system_message"] == SYSTEM_MESSAGE
-    assert INTERNLM2_CHAT.sep == IM_END_TOKEN
+    assert conv["template"] == template.name == kit.manifest["model"]["template"]
+    assert conv["system_message"] == SYSTEM_MESSAGE == template.system_message
+    # the stop token chat() used is the template's separator
+    stop_ids = {c["inputs"]["effective_generate_kwargs"]["eos_token_id"] for c in kit.manifest["chat_cases"]}
+    assert stop_ids == {kit.manifest["special_token_ids"][template.sep]}
 
 
 @pytest.mark.parametrize("case_id", _CHAT_CASE_IDS)
-def test_prompt_matches_kit(kit, case_id):
+def test_prompt_matches_kit(kit, template, case_id):
     case = kit.chat_cases[case_id]
     inputs, expected = case["inputs"], case["expected"]
     files = expected["prompt_files"]
@@ -95,7 +104,8 @@ def test_prompt_matches_kit(kit, case_id):
         questions = inputs["questions"]
         num_patches_list = inputs["num_patches_list"]
         assert num_patches_list == _tiles_per_image(kit, inputs["images"])
-        prompts = build_batch_prompts(questions, num_patches_list, num_image_token=_num_image_token(kit))
+        prompts = build_batch_prompts(questions, num_patches_list, num_image_token=_num_image_token(kit),
+                                      template=template)
         assert expected["history"] is None
     elif case["api"] == "chat":
         history = _history(kit, inputs)
@@ -104,6 +114,7 @@ def test_prompt_matches_kit(kit, case_id):
             history=history,
             num_patches_list=_chat_num_patches_list(kit, inputs),
             num_image_token=_num_image_token(kit),
+            template=template,
         )
         prompts = [prompt]
         # chat() appends (question as modified, response) to the history it returns

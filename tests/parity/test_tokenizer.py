@@ -1,24 +1,28 @@
-"""Tokenizer parity against the kit named by PARITY_KIT (upstream slow InternLM2Tokenizer goldens).
+"""Tokenizer parity against the kit named by PARITY_KIT (upstream tokenizer goldens).
 
 Every id, token and string comes from the kit (manifest `tokenizer_cases`, `special_token_ids`,
-`chat_cases` and the case files), so a kit with another vocabulary is checked the same way.
+`chat_cases` and the case files; the roles of BOS/EOS/UNK from its tokenizer files; the stop token from
+the template its config.json names), so a kit with another tokenizer is checked the same way.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
 from services.language_decoder.prompt import (
-    IM_END_TOKEN,
-    IM_START_TOKEN,
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
+    ChatTemplate,
     extract_response,
+    get_template,
 )
 from services.language_decoder.tokenizer import IncrementalDecoder
-from services.language_decoder.tokenizer_loader import Tokenizer, load_tokenizer
+from services.language_decoder.tokenizer_base import token_content
+from services.language_decoder.tokenizer_loader import Tokenizer, load_tokenizer, stop_token_id
 from tests.conftest import load_kit
 
 _KIT = load_kit()  # collection time: a broken PARITY_KIT is a collection error, never a skip
@@ -37,6 +41,23 @@ def tok(kit) -> Tokenizer:
     return load_tokenizer(kit.root)  # the class the checkpoint names, as the services load it
 
 
+@pytest.fixture(scope="module")
+def template(kit) -> ChatTemplate:
+    return get_template(json.loads(kit.text("config.json"))["template"])
+
+
+def _kit_special_token(kit, role: str) -> str | None:
+    """The kit's `bos_token` / `eos_token` / `unk_token` (tokenizer_config.json, else
+    special_tokens_map.json); None where the tokenizer has none (Qwen2 has no BOS)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = kit.path(name)
+        if path.is_file():
+            value = token_content(json.loads(path.read_text(encoding="utf-8")).get(role))
+            if value is not None:
+                return value
+    return None
+
+
 def test_kit_has_cases(kit):
     assert _TOKENIZER_CASES, "manifest has no tokenizer_cases"
     assert any(not c.get("decode_only") for _, c in _TOKENIZER_CASES), "no encode cases"
@@ -50,28 +71,30 @@ def test_vocab_sizes(tok, kit):
     base = model.get("sp_vocab_size", model.get("base_vocab_size"))
     if base is None:
         kit.lacks("model.sp_vocab_size (or base_vocab_size)")
-    assert tok.sp_vocab_size == base
+    assert tok.base_vocab_size == base
     assert tok.vocab_size == model["vocab_size"]
 
 
-def test_special_token_ids(tok, kit):
+def test_special_token_ids(tok, kit, template):
     ids = kit.manifest["special_token_ids"]
     assert ids, "manifest has no special_token_ids"
     for token, token_id in ids.items():
         assert tok.token_to_id(token) == token_id, token
         assert tok.id_to_token(token_id) == token, token_id
-    assert tok.bos_id == ids["<s>"]
-    assert tok.eos_id == ids["</s>"]
-    assert tok.unk_id == ids["<unk>"]
-    assert tok.im_start_id == ids[IM_START_TOKEN]
-    assert tok.im_end_id == ids[IM_END_TOKEN]
-    assert tok.img_start_id == ids[IMG_START_TOKEN]
-    assert tok.img_end_id == ids[IMG_END_TOKEN]
+    for role, actual in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
+        name = _kit_special_token(kit, role)
+        assert actual == (None if name is None else ids.get(name, tok.token_to_id(name))), role
+    unk = _kit_special_token(kit, "unk_token")
+    if unk is not None:  # SentencePiece tokenizers; byte-level BPE has no unknown token
+        assert tok.unk_token == unk and tok.token_to_id(unk) == ids[unk]
+    assert tok.token_to_id(IMG_START_TOKEN) == ids[IMG_START_TOKEN]
+    assert tok.token_to_id(IMG_END_TOKEN) == ids[IMG_END_TOKEN]
     assert tok.img_context_id == ids[IMG_CONTEXT_TOKEN]
-    # every chat case generated with eos = <|im_end|> and pad = the tokenizer's pad token
+    # every chat case generated with eos = the template's separator (as chat() sets it) and pad = the
+    # tokenizer's pad token
     for case in kit.manifest["chat_cases"]:
         kwargs = case["inputs"]["effective_generate_kwargs"]
-        assert kwargs["eos_token_id"] == tok.im_end_id, case["id"]
+        assert kwargs["eos_token_id"] == stop_token_id(tok, template), case["id"]
         assert kwargs["pad_token_id"] == tok.pad_id, case["id"]
 
 
@@ -87,12 +110,14 @@ def test_tokenizer_case(tok, item):
 
 
 def test_tokenize_matches_encode(tok):
-    # tokenize() gives raw pieces ("[UNUSED_TOKEN_145]" where the ids say <|im_end|>): compare by id
+    # tokenize() gives raw pieces ("[UNUSED_TOKEN_145]" where the ids say <|im_end|>): compare by id,
+    # after the ids the tokenizer puts in front of every text (BOS, if it adds one)
+    prefix = len(tok.encode(""))
     for _, case in _TOKENIZER_CASES:
         if case.get("decode_only"):
             continue
         pieces = tok.tokenize(case["text"])
-        assert [tok.token_to_id(p) for p in pieces] == case["input_ids"][1:]
+        assert [tok.token_to_id(p) for p in pieces] == case["input_ids"][prefix:]
 
 
 def _prompts(kit, case) -> list[str]:
@@ -121,13 +146,13 @@ def test_prompt_encodes_to_input_ids(tok, kit, case_id):
 
 
 @pytest.mark.parametrize("case_id", _CHAT_CASE_IDS)
-def test_generated_ids_decode_to_responses(tok, kit, case_id):
+def test_generated_ids_decode_to_responses(tok, kit, template, case_id):
     expected = kit.chat_cases[case_id]["expected"]
     generated, responses = expected["generated_ids"], expected["responses"]
     assert len(generated) == len(responses)
     for ids, response in zip(generated, responses, strict=True):
         text = tok.decode(ids, skip_special_tokens=True)
-        assert extract_response(text) == response
+        assert extract_response(text, template) == response
         # streaming the same ids gives the same text, piece by piece
         stream = IncrementalDecoder(tok)
         chunks = [stream.push(i) for i in ids] + [stream.flush()]

@@ -10,6 +10,7 @@ import torch
 
 from services.common.model_config import LLMConfig, RopeScaling
 from services.language_decoder import model as lm_module
+from services.language_decoder import models as models_package
 from services.language_decoder.generate import generate
 from services.language_decoder.model import (
     InternLM2ForCausalLM,
@@ -340,7 +341,7 @@ def test_generate_sampling_reproducible_and_top_k1_is_greedy() -> None:
 
 def test_load_reads_only_language_tensors(kit: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str, ...]] = []
-    real = lm_module.load_tensors
+    real = models_package.load_tensors  # the loader reads through the models package's import
 
     def spy(model_dir, prefixes, **kw):
         seen.append(tuple(prefixes))
@@ -348,7 +349,7 @@ def test_load_reads_only_language_tensors(kit: Kit, monkeypatch: pytest.MonkeyPa
         assert not any(name.startswith(("vision_model.", "mlp1.")) for name in tensors)
         return tensors
 
-    monkeypatch.setattr(lm_module, "load_tensors", spy)
+    monkeypatch.setattr(models_package, "load_tensors", spy)
     model = load_language_model(kit.root, dtype=torch.float32)
     assert seen == [("language_model.",)]
     assert all(not p.is_meta and p.dtype == torch.float32 for p in model.parameters())

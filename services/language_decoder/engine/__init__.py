@@ -46,7 +46,8 @@ Reading the engine: one request from `add_request` to its last token, four files
    `attention.py` (the paged `KVStore`: SDPA or flash-attn), `kv_cache.py` (the preallocated cache,
    the one KV write, block-table padding), `rope.py` (RoPE for packed tokens), `cuda_graphs.py`
    (GPU decode steps replayed), `cpu_weights.py` (CPU matmul layouts) and the model itself
-   (`services/language_decoder/model.py`: the math, attention inputs as one `AttentionContext`).
+   (`services/language_decoder/models/`: one per architecture over shared layers, attention inputs
+   as one `AttentionContext`).
 4. `sampler.py` — the next token of each row by its request's settings (HF order, `..sampling`):
    shared argmax and shared draws for rows with equal unseeded settings, a private stream per seed.
 

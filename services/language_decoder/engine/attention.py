@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.language_decoder.model import attention
+from services.language_decoder.models.layers import attention
 
 from .kv_cache import PagedKVCache
 

@@ -31,8 +31,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None: the model's dtype
-    # GPU decode steps replayed from CUDA graphs (ignored on CPU). Needs max_model_len within the RoPE
-    # table's plain range (no dynamic-NTK rescaling inside a graph); the runner checks.
+    # GPU decode steps replayed from CUDA graphs (ignored on CPU). Needs a decode RoPE table (no
+    # dynamic-NTK rescaling within max_model_len); the runner checks.
     use_cuda_graphs: bool = True
     # torch.compile each decoder layer (Inductor fuses the norms, RoPE, residuals and SiLU into a few
     # kernels; the KV store stays eager). None = on CUDA only: the first steps of new shapes compile

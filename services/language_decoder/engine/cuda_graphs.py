@@ -5,8 +5,8 @@ than the weight reads they do. Graphs are captured lazily per (batch bucket, con
 sizes round up to 1, 2, 4, 8, then multiples of 16; with SDPA the gathered key length rounds up to a
 power of two (flash-attn reads the block table in place, so it needs one bucket). Padded rows write
 to and read from the cache's scratch block. Static input buffers are filled before each replay.
-RoPE comes from the runner's table (`PackedRope.lookup`): graphs run only below the dynamic-NTK
-threshold, where RoPE depends on the position alone.
+RoPE comes from the runner's decode table (`PackedRope.lookup`): graphs run wherever a decode token's
+RoPE depends on its position alone (everywhere but dynamic NTK past its threshold).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.language_decoder.model import AttentionContext, InternLM2ForCausalLM
+from services.language_decoder.models import CausalLM
+from services.language_decoder.models.layers import AttentionContext
 
 from .attention import flash_attn_with_kvcache, sdpa_decode, slot_table
 from .config import EngineConfig
@@ -50,7 +51,7 @@ class _GraphDecodeAttention:
 class DecodeGraphs:
     def __init__(
         self,
-        model: InternLM2ForCausalLM,
+        model: CausalLM,
         cache: PagedKVCache,
         config: EngineConfig,
         use_flash: bool,
@@ -62,8 +63,9 @@ class DecodeGraphs:
         self.capture = capture
         if rope is None:  # the runner passes its own; a standalone instance builds the same table
             rope = PackedRope(model.rotary, config.max_model_len, model.dtype, cache.storage.device)
-        if not rope.position_only:
-            raise ValueError("CUDA graphs need max_model_len within the RoPE table (no dynamic-NTK rescaling)")
+        if rope.decode_table is None:
+            raise ValueError("CUDA graphs need a RoPE table for decode steps (no dynamic-NTK rescaling "
+                             "within max_model_len)")
         self.rope = rope
         self.block_size = config.block_size
         self.max_batch = config.max_num_seqs

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from services.language_decoder.model import InternLM2ForCausalLM
+from services.language_decoder.models import CausalLM
 from services.language_decoder.quantize import quantize_model
 
 from .block_manager import BlockManager
@@ -35,7 +35,7 @@ class EngineStats:
 
 
 class LLMEngine:
-    """Continuous-batching engine over one `InternLM2ForCausalLM` and a paged KV cache.
+    """Continuous-batching engine over one language model (`models.CausalLM`) and a paged KV cache.
 
     Not thread-safe: one thread calls `add_request`, `abort` and `step` (`AsyncEngine` is that thread
     for the servicer). `tokenizer` (an `InternLM2Tokenizer`) enables text deltas and stop strings;
@@ -48,15 +48,15 @@ class LLMEngine:
 
     def __init__(
         self,
-        model: InternLM2ForCausalLM,
+        model: CausalLM,
         config: EngineConfig | None = None,
         tokenizer: object | None = None,
         detokenizer_factory: Callable[[], IncrementalDetokenizer] | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.runner = ModelRunner(quantize_model(model, self.config.quantize), self.config)
-        # Cached KV carries the RoPE base it was written with; past the dynamic-NTK threshold that base
-        # depends on the whole sequence's length, so reuse is only exact below it.
+        # Cached KV carries the RoPE it was written with; past the rotary's limit (dynamic NTK, Phi-3's
+        # long factors) that depends on the whole sequence's length, so reuse is only exact below it.
         prefix_ok = self.runner.rope.position_only
         # Pins never take the blocks one longest sequence needs: the head of the queue always fits.
         self.block_manager = BlockManager(

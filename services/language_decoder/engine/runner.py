@@ -6,7 +6,7 @@ chunk, with image embedding rows in place of the prompt's `<IMG_CONTEXT>` positi
 A decode-only step on a GPU replays a CUDA graph instead (`cuda_graphs`). Everything the model needs
 is built here; the model sees tensors and an `AttentionContext`, never requests.
 
-What the engine needs of a language model (InternLM2 today; any decoder with the same methods fits):
+What the engine needs of a language model (any `models.CausalLM`: InternLM2, Qwen2, Phi-3, Llama):
 `config` (an `LLMConfig`), `device`, `dtype`, `rotary` (a `RotaryEmbedding`), `embed_rows` and
 `forward_flat`, and `model.layers` for regional compilation.
 """
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from services.language_decoder.model import AttentionContext, InternLM2ForCausalLM, compile_layers
+from services.language_decoder.models import CausalLM, compile_layers
+from services.language_decoder.models.layers import AttentionContext
 
 from .attention import FlashAttention, PrefillChunk, SdpaAttention, StepMetadata, flash_available
 from .config import EngineConfig
@@ -51,7 +52,7 @@ class PackedStep:
 
 
 class ModelRunner:
-    def __init__(self, model: InternLM2ForCausalLM, config: EngineConfig) -> None:
+    def __init__(self, model: CausalLM, config: EngineConfig) -> None:
         self.model = model.eval()
         self.config = config
         self.device = model.device
@@ -72,7 +73,7 @@ class ModelRunner:
         self.rope = PackedRope(model.rotary, config.max_model_len, self.dtype, self.device)
         self.use_flash = flash_available(config.block_size, self.device)
         self.graphs = None
-        if self.device.type == "cuda" and config.use_cuda_graphs and self.rope.position_only:
+        if self.device.type == "cuda" and config.use_cuda_graphs and self.rope.decode_table is not None:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, self.kv_cache, config, use_flash=self.use_flash, rope=self.rope)
