@@ -210,9 +210,10 @@ def meta_model(member: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def model_tensors(vision: torch.nn.Module, llm: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """The two halves' state_dicts under the checkpoint's names."""
+    """The tensors the two halves' loaders want, under the checkpoint's names (the language model's as
+    its checkpoint holds them: Phi-3's fused projections fused, a tied head absent)."""
     shapes = {n: tuple(t.shape) for n, t in vision.state_dict().items()}
-    shapes.update({"language_model." + n: tuple(t.shape) for n, t in llm.state_dict().items()})
+    shapes.update({"language_model." + n: s for n, s in llm.checkpoint_shapes().items()})
     return shapes
 
 
@@ -252,6 +253,14 @@ def _meta_tensors(shapes: dict[str, tuple[int, ...]], prefix: str, strip: bool) 
             for n, s in picked.items()}
 
 
+def _as_loaded(llm: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors mapped to the model's own names, as load_language_model maps them while reading."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        out.update(llm.from_checkpoint(name, tensor))
+    return out
+
+
 @pytest.mark.parametrize("member", MEMBERS)
 def test_loader_accepts_exactly_the_real_tensors(member):
     shapes = real_checkpoint(member)
@@ -264,17 +273,20 @@ def test_loader_accepts_exactly_the_real_tensors(member):
 
     vision, llm = halves()
     assign_weights(vision, _meta_tensors(shapes, prefix, strip=False), "vision encoder")
-    assign_weights(llm, _meta_tensors(shapes, prefix, strip=True), "language model")
+    assign_weights(llm, _as_loaded(llm, _meta_tensors(shapes, prefix, strip=True)), "language model")
     assert model_tensors(vision, llm) == shapes
 
     tensors = _meta_tensors(shapes, prefix, strip=True)
     dropped = sorted(tensors)[len(tensors) // 2]
     del tensors[dropped]
-    with pytest.raises(CheckpointError, match=re.escape(dropped)):
-        assign_weights(halves()[1], tensors, "language model")
+    llm = halves()[1]
+    wanted_after_drop = set(_as_loaded(llm, {dropped: _meta_tensors(shapes, prefix, strip=True)[dropped]}))
+    with pytest.raises(CheckpointError, match=re.escape(sorted(wanted_after_drop)[0])):
+        assign_weights(llm, _as_loaded(llm, tensors), "language model")
     tensors = _meta_tensors(shapes, prefix, strip=True) | {"model.layers.999.extra.weight": torch.empty(1)}
+    llm = halves()[1]
     with pytest.raises(CheckpointError, match=r"unexpected \['model\.layers\.999\.extra\.weight'\]"):
-        assign_weights(halves()[1], tensors, "language model")
+        assign_weights(llm, _as_loaded(llm, tensors), "language model")
 
 
 def test_the_8b_file_is_the_known_config():
