@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The decoder's GPU checks in one go (a lent GPU machine's time is short): environment, then
 # bench/decoder.py --gpu (extra arguments go to it), then int8 vs bf16 weights (--compare-weights),
-# then the CUDA-only tests. Logs and JSON go to
+# then the CUDA-only tests, then the whole-turn bench (bench/turns.py --gpu). Logs and JSON go to
 # $OUT (default ./gpu-checks).
 #   bash bench/gpu_checks.sh [--profile gpu-checks/profile.txt]
 set -u
@@ -28,3 +28,9 @@ timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider tests/unit/t
   tests/unit/test_engine_gpu_int8.py tests/parity/test_engine_parity.py -k "gpu or cuda or int8" 2>&1 \
   | tee "$OUT/tests.log"
 echo "tests exit: ${PIPESTATUS[0]}"
+
+# Whole turns through every process (issue 10): cold / cached / follow-up TTFT beside the engine-only TTFT
+# of the same prompt, lazy and eager gateways (writes ~16 GB of random InternVL2-8B weights once).
+timeout "${TURNS_TIMEOUT:-420}" $PY -m bench.turns --gpu --compare-eager --rounds 3 \
+  --json "$OUT/turns-gpu.json" 2>&1 | tee "$OUT/turns.log"
+echo "turns exit: ${PIPESTATUS[0]}"
