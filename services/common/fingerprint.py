@@ -22,6 +22,7 @@ import hashlib
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 from services.common.quantization import NO_QUANTIZATION
 
@@ -52,40 +53,46 @@ def model_fingerprint(model_dir: str | os.PathLike, dtype_name: str, quantizatio
     if not config.is_file():
         raise FingerprintError(f"{root} has no config.json")
     h = hashlib.sha256()
-    _update(h, FINGERPRINT_VERSION)
-    _update(h, config.read_bytes())
+    update_hash(h, FINGERPRINT_VERSION)
+    update_hash(h, config.read_bytes())
     weights = sorted(p for p in root.glob("*.safetensors") if p.is_file())
     if not weights:
         raise FingerprintError(f"{root} has no *.safetensors files")
     for path in weights:
-        _update(h, path.name.encode())
+        update_hash(h, path.name.encode())
         _hash_safetensors(h, path)
-    _update(h, dtype_name.encode())
+    update_hash(h, dtype_name.encode())
     if quantization != NO_QUANTIZATION:
-        _update(h, b"weights:" + quantization.encode())
+        update_hash(h, b"weights:" + quantization.encode())
     return h.hexdigest()[:FINGERPRINT_HEX_CHARS]
 
 
-def _update(h: hashlib._Hash, data: bytes) -> None:
+def update_hash(h: hashlib._Hash, data: bytes) -> None:
     """Length-prefixed, so field boundaries cannot shift between inputs."""
     h.update(struct.pack("<Q", len(data)))
     h.update(data)
+
+
+def read_safetensors_header(f: BinaryIO, path: Path, size: int) -> tuple[bytes, int]:
+    """(raw JSON header, offset where the tensor data starts) of an open safetensors file."""
+    raw_len = f.read(_HEADER_LEN_BYTES)
+    if len(raw_len) != _HEADER_LEN_BYTES:
+        raise FingerprintError(f"{path.name} is too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", raw_len)
+    data_start = _HEADER_LEN_BYTES + header_len
+    if header_len > _MAX_HEADER_BYTES or data_start > size:
+        raise FingerprintError(f"{path.name} has an invalid safetensors header length {header_len}")
+    return f.read(header_len), data_start
 
 
 def _hash_safetensors(h: hashlib._Hash, path: Path) -> None:
     size = path.stat().st_size
     h.update(struct.pack("<Q", size))
     with path.open("rb") as f:
-        raw_len = f.read(_HEADER_LEN_BYTES)
-        if len(raw_len) != _HEADER_LEN_BYTES:
-            raise FingerprintError(f"{path.name} is too short to be a safetensors file")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        data_start = _HEADER_LEN_BYTES + header_len
-        if header_len > _MAX_HEADER_BYTES or data_start > size:
-            raise FingerprintError(f"{path.name} has an invalid safetensors header length {header_len}")
-        _update(h, f.read(header_len))
+        header, data_start = read_safetensors_header(f, path, size)
+        update_hash(h, header)
         data_len = size - data_start
         step = max(data_len // _SAMPLES_PER_FILE, 1)
         for offset in range(data_start, size, step):
             f.seek(offset)
-            _update(h, f.read(_SAMPLE_BYTES))
+            update_hash(h, f.read(_SAMPLE_BYTES))

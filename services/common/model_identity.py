@@ -17,17 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path, PurePath
 
 from services.common.checkpoint import VISION_PREFIXES
-from services.common.fingerprint import FINGERPRINT_HEX_CHARS, FingerprintError
+from services.common.fingerprint import (
+    FINGERPRINT_HEX_CHARS,
+    FingerprintError,
+    read_safetensors_header,
+    update_hash,
+)
 
 CUSTOM_MEMBER = "custom"
 VISION_FINGERPRINT_VERSION = b"internvl-vision-fingerprint-v1"
 _SAMPLE_BYTES = 1024  # per vision tensor: its first bytes (tells fine-tunes apart; headers tell shapes)
-_HEADER_LEN_BYTES = 8
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 # (language model class, its hidden size, its layers, vision tower width) -> member
 _MEMBERS = {
@@ -71,8 +73,8 @@ def vision_fingerprint(model_dir: str | os.PathLike, dtype_name: str) -> str:
     vision_facts = {k: config.get(k) for k in ("downsample_ratio", "ps_version", "select_layer", "force_image_size")}
     vision_facts["vision_config"] = config.get("vision_config")
     h = hashlib.sha256()
-    _update(h, VISION_FINGERPRINT_VERSION)
-    _update(h, json.dumps(vision_facts, sort_keys=True).encode())
+    update_hash(h, VISION_FINGERPRINT_VERSION)
+    update_hash(h, json.dumps(vision_facts, sort_keys=True).encode())
     weights = sorted(p for p in root.glob("*.safetensors") if p.is_file())
     if not weights:
         raise FingerprintError(f"{root} has no *.safetensors files")
@@ -83,30 +85,19 @@ def vision_fingerprint(model_dir: str | os.PathLike, dtype_name: str) -> str:
         raise FingerprintError(f"{root} has no vision tensors ({', '.join(VISION_PREFIXES)}*)")
     # By tensor name, not by file: the same tower sharded differently is the same tower.
     for name, entry, sample in sorted(tensors):
-        _update(h, name.encode())
-        _update(h, entry)
-        _update(h, sample)
-    _update(h, dtype_name.encode())
+        update_hash(h, name.encode())
+        update_hash(h, entry)
+        update_hash(h, sample)
+    update_hash(h, dtype_name.encode())
     return h.hexdigest()[:FINGERPRINT_HEX_CHARS]
-
-
-def _update(h, data: bytes) -> None:
-    h.update(struct.pack("<Q", len(data)))
-    h.update(data)
 
 
 def _vision_tensors(path: Path) -> list[tuple[str, bytes, bytes]]:
     """(name, dtype+shape, first bytes) of each vision tensor in one safetensors file."""
     size = path.stat().st_size
     with path.open("rb") as f:
-        raw_len = f.read(_HEADER_LEN_BYTES)
-        if len(raw_len) != _HEADER_LEN_BYTES:
-            raise FingerprintError(f"{path.name} is too short to be a safetensors file")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        data_start = _HEADER_LEN_BYTES + header_len
-        if header_len > _MAX_HEADER_BYTES or data_start > size:
-            raise FingerprintError(f"{path.name} has an invalid safetensors header length {header_len}")
-        header = json.loads(f.read(header_len))
+        raw_header, data_start = read_safetensors_header(f, path, size)
+        header = json.loads(raw_header)
         found = []
         for name, meta in header.items():
             if not name.startswith(VISION_PREFIXES):
