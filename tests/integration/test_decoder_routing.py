@@ -152,11 +152,25 @@ def served_by(cluster: Cluster, call: Callable[[], gateway_pb2.ChatResponse]) ->
     return grown[0], reply
 
 
-def run_script(cluster: Cluster, gw: Gateway) -> tuple[list[int], list[gateway_pb2.ChatResponse]]:
+def embedding_bytes(gw: Gateway) -> dict[str, float]:
+    """The gateway's embedding byte counters (gateway/transfer_stats.py), per hop."""
+    m = gw.metrics()
+    return {"from_encoder": m.get("ivl_gateway_embedding_received_bytes_total", hop="encoder"),
+            "from_redis": m.get("ivl_gateway_embedding_received_bytes_total", hop="feature_cache"),
+            "to_decoder": m.get("ivl_gateway_embedding_sent_bytes_total", hop="decoder"),
+            "held_by_decoder": m.get("ivl_gateway_embedding_skipped_bytes_total", hop="decoder")}
+
+
+def run_script(cluster: Cluster, gw: Gateway, moved: list[dict[str, float]] | None = None,
+               ) -> tuple[list[int], list[gateway_pb2.ChatResponse]]:
+    """The script as one session; `moved` (if given) gets each turn's embedding bytes per hop."""
     session_id = new_session(gw)
     replicas, replies = [], []
     for text, images in SCRIPT:
+        before = embedding_bytes(gw)
         replica, reply = served_by(cluster, lambda t=text, i=images: turn(gw, session_id, t, i))
+        if moved is not None:
+            moved.append({k: v - before[k] for k, v in embedding_bytes(gw).items()})
         replicas.append(replica)
         replies.append(reply)
     return replicas, replies
@@ -189,9 +203,22 @@ def test_a_sessions_turns_stay_on_one_replica_and_reuse_its_kv(cluster: Cluster)
     wait_idle(cluster)
     affinity_before = cluster.routed.decisions("affinity")
 
-    replicas, replies = run_script(cluster, cluster.routed)
+    moved: list[dict[str, float]] = []
+    replicas, replies = run_script(cluster, cluster.routed, moved)
 
     assert len(set(replicas)) == 1, f"the session's turns went to replicas {replicas}"
+    # Every image of a turn's prompt is either sent or declared held by the replica (the reference run may
+    # have left this very prefix on it); an earlier turn's image is never sent again, and a text-only turn
+    # reads nothing from Redis. The script's images are the same size: `one` image's bytes each.
+    one = moved[0]["to_decoder"] + moved[0]["held_by_decoder"]
+    assert one > 0
+    in_prompt = 0
+    for i, ((_text, images), bytes_moved) in enumerate(zip(SCRIPT, moved, strict=True)):
+        in_prompt += len(images)
+        assert bytes_moved["to_decoder"] + bytes_moved["held_by_decoder"] == one * in_prompt, (i, bytes_moved)
+        assert bytes_moved["to_decoder"] <= one * len(images), (i, bytes_moved)
+        if not images:
+            assert bytes_moved["from_redis"] == bytes_moved["from_encoder"] == 0, (i, bytes_moved)
     assert [r.text for r in replies] == [r.text for r in expected]  # identical to one replica
     for previous, reply in zip(replies, replies[1:], strict=False):
         # The whole earlier prompt (history and images) came from the replica's prefix cache.
@@ -266,7 +293,9 @@ def test_a_killed_replicas_sessions_continue_on_another(cluster: Cluster):
     victim = cluster.decoders[1]
     for _ in range(24):
         session_id = new_session(gw)
+        before = embedding_bytes(gw)
         replica, first = served_by(cluster, lambda s=session_id: turn(gw, s, *SCRIPT[0]))
+        first_image_bytes = sum(embedding_bytes(gw)[k] - before[k] for k in ("to_decoder", "held_by_decoder"))
         if replica == 1:
             break
     else:
@@ -279,10 +308,15 @@ def test_a_killed_replicas_sessions_continue_on_another(cluster: Cluster):
         while gw.metrics().get("ivl_gateway_decoder_replica_healthy", **label) != 0:
             assert time.monotonic() < deadline, "the gateway still routes to a killed replica"
             time.sleep(0.05)
-        for (text, images), want in zip(SCRIPT[1:], expected[1:], strict=True):
+        for n, ((text, images), want) in enumerate(zip(SCRIPT[1:], expected[1:], strict=True)):
+            before = embedding_bytes(gw)
             replica, reply = served_by(cluster, lambda t=text, i=images: turn(gw, session_id, t, i))
             assert replica == 0
             assert reply.text == want.text  # history and images re-sent to the survivor: the same answers
+            if n == 0:  # every image of the prompt sent to the survivor, or held there (the reference run's KV)
+                after = embedding_bytes(gw)
+                accounted = sum(after[k] - before[k] for k in ("to_decoder", "held_by_decoder"))
+                assert accounted == first_image_bytes * (1 + len(images)), (before, after)
         assert gw.decisions("failover") >= 1  # then the session's KV is on the survivor: affinity
     finally:
         victim.process.start(port=victim.process.port)
