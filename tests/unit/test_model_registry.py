@@ -228,3 +228,22 @@ def test_cuda_graph_decode_body_runs_eagerly_on_cpu(arch: str) -> None:
     for i, p in enumerate(prompts):
         assert [t for o in out[f"r{i}"] for t in o.token_ids] == _reference(model, p, 20), i
     assert used
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Phi3ForCausalLM", "LlamaForCausalLM"])
+def test_compiled_layers_give_the_eager_tokens(arch: str) -> None:
+    """torch.compile'd layers (the GPU default) give each architecture's eager tokens (InternLM2's twin is
+    in test_engine.py). One layer and few shapes keep Inductor's CPU compile to seconds per graph."""
+    model = random_model(tiny(arch, num_hidden_layers=1))
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (9, 30)]
+    outs = []
+    for compile_layers in (False, True):
+        engine = LLMEngine(model, EngineConfig(block_size=4, num_kv_blocks=128, max_num_seqs=2,
+                                               max_num_batched_tokens=64, max_model_len=64,
+                                               compile_layers=compile_layers, cpu_prepacked_weights=False))
+        out = engine.run_until_done(
+            EngineRequest(f"r{i}", p, SamplingParams(max_new_tokens=6)) for i, p in enumerate(prompts))
+        outs.append([[t for o in out[f"r{i}"] for t in o.token_ids] for i in range(len(prompts))])
+    assert outs[0] == outs[1]
+    assert all(callable(getattr(layer, "_compiled_call_impl", None)) for layer in model.model.layers)
