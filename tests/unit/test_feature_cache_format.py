@@ -56,13 +56,24 @@ def test_different_bytes_give_different_keys():
     assert feature_key(b"image", **SETTINGS) != feature_key(b"imagf", **SETTINGS)
 
 
-@pytest.mark.parametrize("bad", [
-    {"model_fingerprint": ""}, {"max_tiles": 0}, {"min_tiles": 0}, {"min_tiles": 13},
-    {"use_thumbnail": None}, {"image_size": 0},
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"model_fingerprint": ""}, "model_fingerprint is required: it keeps different models' features apart"),
+    ({"max_tiles": 0}, "need 1 <= min_tiles <= max_tiles, got min=1 max=0"),
+    ({"min_tiles": 0}, "need 1 <= min_tiles <= max_tiles, got min=0 max=12"),
+    ({"min_tiles": 13}, "need 1 <= min_tiles <= max_tiles, got min=13 max=12"),
+    ({"use_thumbnail": None}, "use_thumbnail must be a resolved bool, got None"),
+    ({"use_thumbnail": 1}, "use_thumbnail must be a resolved bool, got 1"),
+    ({"image_size": 0}, "image_size must be positive, got 0"),
 ])
-def test_unresolved_or_invalid_settings_are_rejected(bad):
-    with pytest.raises(ValueError):
+def test_unresolved_or_invalid_settings_are_rejected(bad, message):
+    with pytest.raises(ValueError) as info:
         feature_key(b"image", **{**SETTINGS, **bad})
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("edge", [{"min_tiles": 12}, {"max_tiles": 1}, {"image_size": 1}])
+def test_settings_at_their_bounds_are_accepted(edge):
+    assert feature_key(b"image", **{**SETTINGS, **edge}).startswith(KEY_PREFIX)
 
 
 def test_video_frame_keys():

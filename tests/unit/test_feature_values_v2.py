@@ -106,3 +106,22 @@ def test_a_header_that_lies_consistently_about_the_shape_is_rejected():
 def test_a_v1_string_is_not_a_v2_list():
     with pytest.raises(EntryFormatError):
         entry_from_values([encode_entry(received())])
+
+
+@pytest.mark.parametrize(("shape", "payload", "message"), [
+    ((), b"", "entry shape must have 1..8 dimensions, got ()"),
+    ((1,) * 9, b"\0" * 4, "entry shape must have 1..8 dimensions, got (1, 1, 1, 1, 1, 1, 1, 1, 1)"),
+    ((2**32, 0), b"", "num_tiles 4294967296 does not fit the header"),
+    ((1, 2), b"\0" * 3, "payload has 3 bytes, shape [1, 2] fp32 needs 8"),
+    ((1, 2), [b"\0" * 4, b"\0" * 5], "payload has 9 bytes, shape [1, 2] fp32 needs 8"),
+])
+def test_an_entry_that_cannot_be_stored_says_why(shape, payload, message):
+    with pytest.raises(ValueError) as info:
+        Entry(tensor_pb2.DTYPE_FLOAT32, shape, payload)
+    assert str(info.value) == message
+
+
+def test_entries_at_the_header_limits_are_accepted():
+    assert Entry(tensor_pb2.DTYPE_FLOAT32, (1,) * 8, b"\0" * 4).shape == (1,) * 8
+    assert Entry(tensor_pb2.DTYPE_FLOAT32, (2**32 - 1, 0), b"").num_tiles == 2**32 - 1
+    assert Entry(tensor_pb2.DTYPE_FLOAT32, (1, 2), [b"\0" * 4, b"\0" * 4]).nbytes == 8
