@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 
 from services.common.limits import Tiling
-from services.common.tiling import find_closest_aspect_ratio, known_tiles, max_tile_count, video_tiles_problem
+from services.common.tiling import (
+    find_closest_aspect_ratio,
+    known_tiles,
+    max_tile_count,
+    tile_grid,
+    video_tiles_problem,
+)
 from services.vision_encoder.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -87,3 +93,13 @@ def test_video_tiles_problem_with_a_limit_of_one_tile():
     assert video_tiles_problem(1, 1, 1) is None
     assert "would be 2 tiles (2 segments" in video_tiles_problem(2, 2, 1)
     assert video_tiles_problem(10**6, 2, 0) is None  # 0: the limit is unknown
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "min_num", "max_num", "grid"),
+    [(5, 32, 16, 16, (1, 16)),  # 5/32 is exactly between 1x16 and 2x8
+     (5, 4, 18, 19, (3, 6))],  # 5/4 is exactly between 3x6 and 6x3
+)
+def test_exact_ties_between_equal_area_grids_follow_upstreams_set_order(width, height, min_num, max_num, grid):
+    # A small image keeps the first of two equally close grids; among equal areas "first" is the set's order.
+    assert tile_grid(width, height, min_num, max_num, 448) == grid
