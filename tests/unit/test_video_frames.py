@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from services.vision_encoder.preprocess import (
+    FrameTooLarge,
     TileBudget,
     VideoTooManyTiles,
     get_index,
@@ -125,3 +126,10 @@ def test_load_video_honours_the_bound(video):
     _, frames = read_video_frames(video, bound=(1.0, 2.0), num_segments=2)
     expected = tiles_to_pixel_values([frame.resize((448, 448)) for frame in frames])
     np.testing.assert_array_equal(pixel_values.numpy(), expected.numpy())
+
+
+def test_the_declared_size_refusal_names_the_container(video):
+    expected = (r"^the video's frames \(as its container declares them\) is 2000x1000 = 2000000 pixels, "
+                r"over the limit of 1000000; downscale it$")
+    with pytest.raises(FrameTooLarge, match=expected):
+        read_video_frames(declaring(video, 2000, 1000), num_segments=2, max_pixels=1_000_000)
