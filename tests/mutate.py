@@ -49,7 +49,7 @@ GROUPS = {
         ("services/vision_encoder/preprocess.py", "services/common/tiling.py", "services/common/video_probe.py"),
         ("tests/unit/test_tiling.py", "tests/unit/test_tile_budget.py", "tests/unit/test_input_limits.py",
          "tests/unit/test_video_frames.py", "tests/unit/test_video_probe.py", "tests/unit/test_pixel_values_rules.py",
-         "tests/parity/test_preprocess.py"),
+         "tests/parity/test_preprocess.py", "tests/unit/test_video_damage.py"),
     ),
     "template": Group(
         ("services/language_decoder/prompt.py",),

@@ -58,3 +58,29 @@ def declared_video_size(data: bytes | bytearray) -> tuple[int, int] | None:
             if body + 8 + 36 <= stop:
                 sizes.append(struct.unpack_from(">HH", data, body + 8 + 32))
     return max(sizes, key=lambda wh: wh[0] * wh[1]) if sizes else None
+
+
+def damaged_chunk_offsets(data: bytes | bytearray) -> str | None:
+    """What is wrong when an MP4/MOV's chunk offset table points outside the file, else None.
+
+    decord (FFmpeg underneath) follows `stco`/`co64` offsets without bounds checks of its own: a file
+    whose first chunk offset was set past its end made the decoding process die with SIGSEGV (found by
+    the tiling mutation audit's tests). A client's bytes must not be able to kill the encoder, so such a
+    container is refused before decord opens it.
+    """
+    for stbl, stbl_end in _mp4_find(data, 0, len(data), (b"moov", b"trak", b"mdia", b"minf", b"stbl")):
+        for kind, body, stop in _mp4_boxes(data, stbl, stbl_end):
+            if kind not in (b"stco", b"co64"):
+                continue
+            width = 4 if kind == b"stco" else 8
+            if body + 8 > stop:
+                return f"its {kind.decode()} box is truncated"
+            (count,) = struct.unpack_from(">I", data, body + 4)  # after version/flags
+            if body + 8 + count * width > stop:
+                return f"its {kind.decode()} box declares {count} chunk offsets but holds fewer"
+            for i in range(count):
+                (offset,) = struct.unpack_from(">I" if width == 4 else ">Q", data, body + 8 + i * width)
+                if offset >= len(data):
+                    return (f"chunk {i} of its {kind.decode()} table starts at byte {offset}, "
+                            f"beyond its {len(data)} bytes")
+    return None

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from services.common.tiling import find_closest_aspect_ratio as find_closest_aspect_ratio
 from services.common.tiling import target_ratios as target_ratios
 from services.common.tiling import tile_grid, video_tiles_problem
+from services.common.video_probe import damaged_chunk_offsets
 from services.common.video_probe import declared_video_size as declared_video_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -200,6 +201,9 @@ def read_video_frames(
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ValueError("empty video input")
+        damage = damaged_chunk_offsets(source)
+        if damage:
+            raise ValueError(f"the video container is damaged: {damage}")
         declared = declared_video_size(source) if max_pixels is not None or budget is not None else None
         if declared is not None and max_pixels is not None:
             _check_frame(*declared, max_pixels, "the video's frames (as its container declares them)")
