@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -195,3 +197,21 @@ def test_gateway_modules_do_not_import_torch():
     code = ("import sys, gateway.feature_cache, gateway.sessions; "
             "sys.exit('torch imported' if 'torch' in sys.modules else 0)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_scope_is_a_key_space_of_its_own():
+    """A tenant's scope (ChatCore.cache_scope) enters the canonical fields as "scope"; none keeps the
+    shared keys. Pinned like the unscoped form: replicas of different versions must agree on it."""
+    h = "ab" * 32
+    plain = feature_key_for_hash(h, **SETTINGS)
+    assert feature_key_for_hash(h, **SETTINGS, scope="") == plain
+    scoped = {s: feature_key_for_hash(h, **SETTINGS, scope=s) for s in ("tenant-a", "tenant-b")}
+    assert len({plain, *scoped.values()}) == 3
+    fields = {"kind": "image", "content": h, "max_tiles": 12, "min_tiles": 1, "use_thumbnail": True,
+              "image_size": 448, "model": "fp-a", "scope": "tenant-a"}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    assert scoped["tenant-a"] == KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
+    frame = video_frame_key_for_hash(h, **VIDEO)
+    assert video_frame_key_for_hash(h, **VIDEO, scope="") == frame
+    assert len({frame, video_frame_key_for_hash(h, **VIDEO, scope="tenant-a"),
+                video_frame_key_for_hash(h, **VIDEO, scope="tenant-b")}) == 3

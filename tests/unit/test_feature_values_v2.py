@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import array
 import os
 import struct
+import zlib
 
 import pytest
 
@@ -11,6 +13,7 @@ from gateway.feature_values import (
     V2_HEADER_FIXED_BYTES,
     Entry,
     EntryFormatError,
+    decode_entry,
     encode_entry,
     entry_from_values,
     entry_to_values,
@@ -125,3 +128,65 @@ def test_entries_at_the_header_limits_are_accepted():
     assert Entry(tensor_pb2.DTYPE_FLOAT32, (1,) * 8, b"\0" * 4).shape == (1,) * 8
     assert Entry(tensor_pb2.DTYPE_FLOAT32, (2**32 - 1, 0), b"").num_tiles == 2**32 - 1
     assert Entry(tensor_pb2.DTYPE_FLOAT32, (1, 2), [b"\0" * 4, b"\0" * 4]).nbytes == 8
+
+
+def test_one_dimension_and_typed_buffers_count_their_bytes():
+    assert Entry(tensor_pb2.DTYPE_FLOAT32, (2,), b"\0" * 8).shape == (2,)
+    floats = memoryview(array.array("f", [1.0, 2.0]))  # 2 items, 8 bytes: the byte count is what matters
+    assert Entry(tensor_pb2.DTYPE_FLOAT32, (2,), floats).nbytes == 8
+
+
+@pytest.mark.parametrize("shape", [(3,), (1,) * 8])
+def test_v1_values_of_one_and_of_eight_dimensions_read_back(shape):
+    entry = Entry(tensor_pb2.DTYPE_FLOAT32, shape, bytes(range(4 * shape[0])))
+    assert decode_entry(encode_entry(entry)) == entry
+    assert entry_from_values(entry_to_values(entry)) == entry
+
+
+def test_a_v1_header_with_reserved_bits_says_so():
+    raw = bytearray(encode_entry(Entry(tensor_pb2.DTYPE_FLOAT32, (1,), b"\0" * 4)))
+    raw[7] = 1  # magic (4), version, dtype, ndim, reserved
+    with pytest.raises(EntryFormatError, match=r"^bad header \(ndim=1, reserved=1\)$"):
+        decode_entry(bytes(raw))
+
+
+def test_a_received_chunk_of_exactly_the_hop_size_is_relayed_as_it_is():
+    chunk = Chunk.wrap(b"\1" * 16)
+    entry = Entry(tensor_pb2.DTYPE_FLOAT32, (4,), [chunk])
+    assert [f is chunk for f in entry.frames(16)] == [True]
+    assert [len(f) for f in entry.frames(15)] == [15, 1]  # bigger than the hop: framed again
+
+
+def _v1_value(num_tiles: int, shape: tuple[int, ...], payload: bytes, version: int = 1) -> bytes:
+    """A v1 string value built field by field (magic, version, dtype, ndim, reserved, num_tiles, length,
+    crc32 over the rest), so its header may say what encode_entry never would."""
+    prefix = struct.pack("<4sBBBBIQ", b"IVLF", version, tensor_pb2.DTYPE_FLOAT32, len(shape), 0, num_tiles,
+                         len(payload))
+    shape_bytes = struct.pack(f"<{len(shape)}q", *shape)
+    crc = zlib.crc32(payload, zlib.crc32(shape_bytes, zlib.crc32(prefix)))
+    return prefix + struct.pack("<I", crc) + shape_bytes + payload
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (_v1_value(5, (1,), b"\0" * 4), "num_tiles 5 does not match shape [1]"),
+    (_v1_value(1, (1,), b"\0" * 4)[:-4], "length mismatch: header announces 4 payload bytes, the value holds 0"),
+    (_v1_value(1, (1,), b"\0" * 4, version=3),
+     "unsupported entry version 3 (this gateway reads 1 as a string value)"),
+])
+def test_v1_damage_is_named(value, message):
+    with pytest.raises(EntryFormatError) as info:
+        decode_entry(value)
+    assert str(info.value) == message
+
+
+def test_v2_damage_is_named():
+    values = entry_to_values(Entry(tensor_pb2.DTYPE_FLOAT32, (1,), b"\0" * 4))
+    with pytest.raises(EntryFormatError, match=r"^empty list: no header$"):
+        entry_from_values([])
+    reserved = bytearray(values[0])
+    reserved[7] = 1  # magic (4), version, dtype, ndim, reserved
+    with pytest.raises(EntryFormatError, match=rf"^bad header \(ndim=1, reserved=1, {len(reserved)} bytes\)$"):
+        entry_from_values([bytes(reserved), *values[1:]])
+    with pytest.raises(EntryFormatError, match=rf"^frame count mismatch: header announces {len(values) - 1}, "
+                                               rf"the list holds {len(values)}$"):
+        entry_from_values([*values, values[-1]])
