@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from gateway.decoder_pool import RoutedDecoder
 from gateway.image_slots import ImageSlot
-from gateway.peers import DecoderClient, PeerProtocolError
+from gateway.peers import PeerProtocolError
 from gateway.transfer_stats import TransferStats
 from internvl.v1 import decoder_pb2
 
@@ -32,7 +33,7 @@ def needed_indices(response: decoder_pb2.GenerateResponse, num_images: int) -> l
 
 
 async def generate(
-    decoder: DecoderClient,
+    decoder: RoutedDecoder,  # the replica the router chose for this turn
     setup: decoder_pb2.GenerateSetup,
     slots: Sequence[ImageSlot],
     *,
